@@ -1,0 +1,791 @@
+//! The site file: one TOML file per site (permit holder), read by the gateway
+//! (its meters), the ingest (lines, facilities, rule settings) and the
+//! simulator (all of it).
+//!
+//! Two stages, as everywhere in facwatch: `raw` serde structs that refuse
+//! unknown keys, then [`Site`], built only by [`Site::from_toml`] after every
+//! cross-reference is checked. Invariants of a [`Site`]:
+//! - ids (site, gateways, meters, lines, facilities) match [`validate_id`]
+//!   and are unique in their kind;
+//! - every facility's meter exists, and every meter belongs to a known
+//!   gateway; all facilities of one line are read by one gateway;
+//! - each line has at least one production and one treatment facility;
+//! - thresholds satisfy `0 <= stop <= start`, durations are positive.
+//!
+//! Every error names the file, the key (as a dotted path) and the problem.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::profile::{ProfileName, Ratios};
+
+/// A configuration file that could not be used. Displays as
+/// `FILE: KEY: PROBLEM` (or `FILE: PROBLEM` when no key applies).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.key {
+            Some(key) => write!(f, "{}: {}: {}", self.file, key, self.problem),
+            None => write!(f, "{}: {}", self.file, self.problem),
+        }
+    }
+}
+
+impl ConfigError {
+    pub fn new(file: &str, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: file.to_string(),
+            key: Some(key.into()),
+            problem: problem.into(),
+        }
+    }
+
+    /// Wraps a TOML parse error (syntax, unknown key, wrong type), keeping
+    /// the key path and line that toml reports.
+    pub fn from_toml(file: &str, error: &toml::de::Error) -> ConfigError {
+        let mut problem = error.message().to_string();
+        if let Some(span) = error.span() {
+            problem = format!("{problem} (at byte {})", span.start);
+        }
+        ConfigError {
+            file: file.to_string(),
+            key: None,
+            problem,
+        }
+    }
+}
+
+/// Reads a TOML file into a raw serde struct, with errors naming the file.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        key: None,
+        problem: format!("cannot read: {e}"),
+    })?;
+    parse_toml(&text, &file).map(|v| (v, file))
+}
+
+/// Parses TOML text into a raw serde struct; `file` names it in errors.
+pub fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let mut err = ConfigError::from_toml(file, &e);
+        // toml's message already names the key; add the line for humans.
+        if let Some(span) = e.span() {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            err.problem = format!("{} (line {line})", e.message());
+        }
+        err
+    })
+}
+
+/// Ids become MQTT topic levels and store keys: 1-64 characters of ASCII
+/// letters, digits, `-` and `_`.
+pub fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("id `{id}` must be 1 to 64 characters long"));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(format!(
+            "id `{id}` contains `{c}`; use ASCII letters, digits, `-` and `_`"
+        ));
+    }
+    Ok(())
+}
+
+/// What a facility is. The role (production or treatment) follows from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FacilityKind {
+    Stenter,
+    Boiler,
+    /// Any other production machine.
+    Production,
+    MainFan,
+    Condenser,
+    HvEsp,
+    SprayPump,
+    /// Any other treatment equipment.
+    Treatment,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Production,
+    Treatment,
+}
+
+impl FacilityKind {
+    pub fn role(self) -> Role {
+        match self {
+            FacilityKind::Stenter | FacilityKind::Boiler | FacilityKind::Production => {
+                Role::Production
+            }
+            _ => Role::Treatment,
+        }
+    }
+
+    /// Plural English noun used in notices ("condensers, fans, ...").
+    pub fn noun_en(self) -> &'static str {
+        match self {
+            FacilityKind::Stenter => "stenters",
+            FacilityKind::Boiler => "boilers",
+            FacilityKind::Production => "production equipment",
+            FacilityKind::MainFan => "fans",
+            FacilityKind::Condenser => "condensers",
+            FacilityKind::HvEsp => "high-voltage electrostatic",
+            FacilityKind::SprayPump => "spray pumps",
+            FacilityKind::Treatment => "treatment equipment",
+        }
+    }
+
+    /// Chinese noun used in notices.
+    pub fn noun_zh(self) -> &'static str {
+        match self {
+            FacilityKind::Stenter => "定型机",
+            FacilityKind::Boiler => "锅炉",
+            FacilityKind::Production => "生产设施",
+            FacilityKind::MainFan => "风机",
+            FacilityKind::Condenser => "冷凝器",
+            FacilityKind::HvEsp => "高压静电",
+            FacilityKind::SprayPump => "喷淋泵",
+            FacilityKind::Treatment => "治理设施",
+        }
+    }
+}
+
+/// A validated site file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Site {
+    pub id: String,
+    pub name: String,
+    pub time_zone: chrono_tz::Tz,
+    pub gateways: Vec<Gateway>,
+    pub meters: Vec<Meter>,
+    pub lines: Vec<Line>,
+    pub rules: Rules,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gateway {
+    pub id: String,
+    pub poll_interval: Duration,
+    /// Wall-clock limit on every Modbus call.
+    pub modbus_timeout: Duration,
+    /// Virtual-time span of samples collected into one batch.
+    pub batch_interval: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Meter {
+    pub id: String,
+    pub gateway: String,
+    pub profile: ProfileName,
+    /// Modbus TCP endpoint (a meter or a serial device server).
+    pub tcp: SocketAddr,
+    pub unit: u8,
+    pub ratios: Ratios,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Line {
+    pub id: String,
+    pub name: String,
+    pub facilities: Vec<Facility>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Facility {
+    pub id: String,
+    pub name: String,
+    pub kind: FacilityKind,
+    pub meter: String,
+    pub rated_kw: f64,
+    /// Running at or above this power.
+    pub start_threshold_kw: f64,
+    /// Stopped below this power; between the two the state holds.
+    pub stop_threshold_kw: f64,
+    /// For treatment: whether its stop alone makes an R1 violation.
+    pub critical: bool,
+}
+
+impl Facility {
+    pub fn role(&self) -> Role {
+        self.kind.role()
+    }
+}
+
+/// Rule settings of a site; see DOMAIN.md for their meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub r1: R1Settings,
+    /// Consecutive samples beyond a threshold before a facility changes
+    /// state (debounce).
+    pub debounce_samples: u32,
+    /// A facility with no valid sample for this many poll intervals is
+    /// unknown (never stopped).
+    pub stale_after_polls: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct R1Settings {
+    pub min_duration: Duration,
+    pub clear_duration: Duration,
+}
+
+impl Site {
+    pub fn gateway(&self, id: &str) -> Option<&Gateway> {
+        self.gateways.iter().find(|g| g.id == id)
+    }
+
+    pub fn meter(&self, id: &str) -> Option<&Meter> {
+        self.meters.iter().find(|m| m.id == id)
+    }
+
+    /// The gateway that reads a line (all its meters share one).
+    pub fn gateway_of_line(&self, line: &Line) -> &str {
+        let meter = &line.facilities[0].meter;
+        &self
+            .meter(meter)
+            .expect("validated site: meter exists")
+            .gateway
+    }
+
+    /// Loads and validates a site file.
+    pub fn load(path: &Path) -> Result<Site, ConfigError> {
+        let (raw, file) = read_toml::<raw::SiteFile>(path)?;
+        Site::validate(raw, &file)
+    }
+
+    /// Parses and validates site-file text; `file` names it in errors.
+    pub fn from_toml(text: &str, file: &str) -> Result<Site, ConfigError> {
+        Site::validate(parse_toml(text, file)?, file)
+    }
+
+    fn validate(raw: raw::SiteFile, file: &str) -> Result<Site, ConfigError> {
+        let err = |key: String, problem: String| ConfigError::new(file, key, problem);
+        validate_id(&raw.site.id).map_err(|p| err("site.id".into(), p))?;
+        let time_zone: chrono_tz::Tz = raw.site.time_zone.parse().map_err(|_| {
+            err(
+                "site.time_zone".into(),
+                format!(
+                    "unknown time zone `{}` (e.g. Asia/Shanghai)",
+                    raw.site.time_zone
+                ),
+            )
+        })?;
+
+        let mut ids = HashSet::new();
+        let mut gateways = Vec::new();
+        for (i, g) in raw.gateways.iter().enumerate() {
+            let key = |k: &str| format!("gateways[{i}].{k}");
+            validate_id(&g.id).map_err(|p| err(key("id"), p))?;
+            if !ids.insert(g.id.clone()) {
+                return Err(err(key("id"), format!("duplicate gateway id `{}`", g.id)));
+            }
+            gateways.push(Gateway {
+                id: g.id.clone(),
+                poll_interval: positive_secs(
+                    g.poll_interval_secs,
+                    &key("poll_interval_secs"),
+                    file,
+                )?,
+                modbus_timeout: Duration::from_millis(positive(
+                    g.modbus_timeout_ms,
+                    &key("modbus_timeout_ms"),
+                    file,
+                )?),
+                batch_interval: positive_secs(
+                    g.batch_interval_secs,
+                    &key("batch_interval_secs"),
+                    file,
+                )?,
+            });
+        }
+        if gateways.is_empty() {
+            return Err(ConfigError::new(
+                file,
+                "gateways",
+                "at least one [[gateways]] is required",
+            ));
+        }
+
+        let mut meters = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, m) in raw.meters.iter().enumerate() {
+            let key = |k: &str| format!("meters[{i}].{k}");
+            validate_id(&m.id).map_err(|p| err(key("id"), p))?;
+            if !ids.insert(m.id.clone()) {
+                return Err(err(key("id"), format!("duplicate meter id `{}`", m.id)));
+            }
+            if !gateways.iter().any(|g| g.id == m.gateway) {
+                return Err(err(
+                    key("gateway"),
+                    format!("gateway `{}` is not defined in [[gateways]]", m.gateway),
+                ));
+            }
+            let profile = m.profile.parse().map_err(|p| err(key("profile"), p))?;
+            let tcp = m.tcp.parse().map_err(|_| {
+                err(
+                    key("tcp"),
+                    format!(
+                        "`{}` is not a HOST:PORT socket address (e.g. 192.168.1.20:502)",
+                        m.tcp
+                    ),
+                )
+            })?;
+            if m.unit == 0 || m.unit > 247 {
+                return Err(err(
+                    key("unit"),
+                    format!("unit id {} is outside 1..=247", m.unit),
+                ));
+            }
+            for (name, value) in [("ct_ratio", m.ct_ratio), ("pt_ratio", m.pt_ratio)] {
+                if !(value.is_finite() && value > 0.0) {
+                    return Err(err(key(name), format!("{value} must be a positive number")));
+                }
+            }
+            meters.push(Meter {
+                id: m.id.clone(),
+                gateway: m.gateway.clone(),
+                profile,
+                tcp,
+                unit: m.unit,
+                ratios: Ratios {
+                    ct: m.ct_ratio,
+                    pt: m.pt_ratio,
+                },
+            });
+        }
+
+        let mut lines = Vec::new();
+        let mut line_ids = HashSet::new();
+        let mut facility_ids = HashSet::new();
+        let mut metered = HashSet::new();
+        for (i, l) in raw.lines.iter().enumerate() {
+            let key = |k: &str| format!("lines[{i}].{k}");
+            validate_id(&l.id).map_err(|p| err(key("id"), p))?;
+            if !line_ids.insert(l.id.clone()) {
+                return Err(err(key("id"), format!("duplicate line id `{}`", l.id)));
+            }
+            let mut facilities = Vec::new();
+            let mut line_gateway: Option<&str> = None;
+            for (j, f) in l.facilities.iter().enumerate() {
+                let key = |k: &str| format!("lines[{i}].facilities[{j}].{k}");
+                validate_id(&f.id).map_err(|p| err(key("id"), p))?;
+                if !facility_ids.insert(f.id.clone()) {
+                    return Err(err(key("id"), format!("duplicate facility id `{}`", f.id)));
+                }
+                let meter = meters.iter().find(|m| m.id == f.meter).ok_or_else(|| {
+                    err(
+                        key("meter"),
+                        format!("meter `{}` is not defined in [[meters]]", f.meter),
+                    )
+                })?;
+                if !metered.insert(f.meter.clone()) {
+                    return Err(err(
+                        key("meter"),
+                        format!("meter `{}` already measures another facility", f.meter),
+                    ));
+                }
+                match line_gateway {
+                    None => line_gateway = Some(&meter.gateway),
+                    Some(g) if g != meter.gateway => {
+                        return Err(err(
+                            key("meter"),
+                            format!(
+                                "meter `{}` is read by gateway `{}`, but this line's other meters by `{g}`; one line needs one gateway",
+                                f.meter, meter.gateway
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+                let start = f.start_threshold_kw;
+                let stop = f.stop_threshold_kw.unwrap_or(0.8 * start);
+                if !(start.is_finite() && start > 0.0) {
+                    return Err(err(
+                        key("start_threshold_kw"),
+                        format!("{start} must be a positive number"),
+                    ));
+                }
+                if !(stop.is_finite() && stop >= 0.0 && stop <= start) {
+                    return Err(err(
+                        key("stop_threshold_kw"),
+                        format!("{stop} must be between 0 and start_threshold_kw ({start})"),
+                    ));
+                }
+                if !(f.rated_kw.is_finite() && f.rated_kw > 0.0) {
+                    return Err(err(
+                        key("rated_kw"),
+                        format!("{} must be a positive number", f.rated_kw),
+                    ));
+                }
+                facilities.push(Facility {
+                    id: f.id.clone(),
+                    name: f.name.clone().unwrap_or_else(|| f.id.clone()),
+                    kind: f.kind,
+                    meter: f.meter.clone(),
+                    rated_kw: f.rated_kw,
+                    start_threshold_kw: start,
+                    stop_threshold_kw: stop,
+                    critical: f.critical.unwrap_or(true),
+                });
+            }
+            for role in [Role::Production, Role::Treatment] {
+                if !facilities.iter().any(|f| f.role() == role) {
+                    return Err(err(
+                        key("facilities"),
+                        format!("line `{}` needs at least one {role:?} facility", l.id)
+                            .to_lowercase(),
+                    ));
+                }
+            }
+            lines.push(Line {
+                id: l.id.clone(),
+                name: l.name.clone().unwrap_or_else(|| l.id.clone()),
+                facilities,
+            });
+        }
+        if lines.is_empty() {
+            return Err(ConfigError::new(
+                file,
+                "lines",
+                "at least one [[lines]] is required",
+            ));
+        }
+
+        let r1 = &raw.rules.r1;
+        let rules = Rules {
+            r1: R1Settings {
+                min_duration: positive_secs(
+                    r1.min_duration_secs,
+                    "rules.r1.min_duration_secs",
+                    file,
+                )?,
+                clear_duration: positive_secs(
+                    r1.clear_duration_secs,
+                    "rules.r1.clear_duration_secs",
+                    file,
+                )?,
+            },
+            debounce_samples: positive(
+                raw.rules.debounce_samples.into(),
+                "rules.debounce_samples",
+                file,
+            )? as u32,
+            stale_after_polls: positive(
+                raw.rules.stale_after_polls.into(),
+                "rules.stale_after_polls",
+                file,
+            )? as u32,
+        };
+
+        Ok(Site {
+            id: raw.site.id,
+            name: raw.site.name.unwrap_or_default(),
+            time_zone,
+            gateways,
+            meters,
+            lines,
+            rules,
+        })
+    }
+}
+
+fn positive(value: u64, key: &str, file: &str) -> Result<u64, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::new(file, key, "must be greater than 0"));
+    }
+    Ok(value)
+}
+
+fn positive_secs(value: u64, key: &str, file: &str) -> Result<Duration, ConfigError> {
+    positive(value, key, file).map(Duration::from_secs)
+}
+
+/// The site file as written; see `deploy/stenter-plant.site.toml`.
+mod raw {
+    use super::FacilityKind;
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct SiteFile {
+        pub(super) site: SiteSection,
+        #[serde(default)]
+        pub(super) gateways: Vec<GatewaySection>,
+        #[serde(default)]
+        pub(super) meters: Vec<MeterSection>,
+        #[serde(default)]
+        pub(super) lines: Vec<LineSection>,
+        #[serde(default)]
+        pub(super) rules: RulesSection,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct SiteSection {
+        pub(super) id: String,
+        pub(super) name: Option<String>,
+        #[serde(default = "default_time_zone")]
+        pub(super) time_zone: String,
+    }
+
+    fn default_time_zone() -> String {
+        "Asia/Shanghai".into()
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct GatewaySection {
+        pub(super) id: String,
+        #[serde(default = "default_poll_interval_secs")]
+        pub(super) poll_interval_secs: u64,
+        #[serde(default = "default_modbus_timeout_ms")]
+        pub(super) modbus_timeout_ms: u64,
+        #[serde(default = "default_batch_interval_secs")]
+        pub(super) batch_interval_secs: u64,
+    }
+
+    fn default_poll_interval_secs() -> u64 {
+        30
+    }
+    fn default_modbus_timeout_ms() -> u64 {
+        1000
+    }
+    fn default_batch_interval_secs() -> u64 {
+        60
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct MeterSection {
+        pub(super) id: String,
+        pub(super) gateway: String,
+        pub(super) profile: String,
+        pub(super) tcp: String,
+        pub(super) unit: u8,
+        #[serde(default = "one")]
+        pub(super) ct_ratio: f64,
+        #[serde(default = "one")]
+        pub(super) pt_ratio: f64,
+    }
+
+    fn one() -> f64 {
+        1.0
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct LineSection {
+        pub(super) id: String,
+        pub(super) name: Option<String>,
+        #[serde(default)]
+        pub(super) facilities: Vec<FacilitySection>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct FacilitySection {
+        pub(super) id: String,
+        pub(super) name: Option<String>,
+        pub(super) kind: FacilityKind,
+        pub(super) meter: String,
+        pub(super) rated_kw: f64,
+        pub(super) start_threshold_kw: f64,
+        pub(super) stop_threshold_kw: Option<f64>,
+        pub(super) critical: Option<bool>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct RulesSection {
+        #[serde(default)]
+        pub(super) r1: R1Section,
+        #[serde(default = "default_debounce_samples")]
+        pub(super) debounce_samples: u32,
+        #[serde(default = "default_stale_after_polls")]
+        pub(super) stale_after_polls: u32,
+    }
+
+    impl Default for RulesSection {
+        fn default() -> Self {
+            RulesSection {
+                r1: R1Section::default(),
+                debounce_samples: default_debounce_samples(),
+                stale_after_polls: default_stale_after_polls(),
+            }
+        }
+    }
+
+    fn default_debounce_samples() -> u32 {
+        2
+    }
+    fn default_stale_after_polls() -> u32 {
+        3
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct R1Section {
+        #[serde(default = "default_r1_min_duration_secs")]
+        pub(super) min_duration_secs: u64,
+        #[serde(default = "default_r1_clear_duration_secs")]
+        pub(super) clear_duration_secs: u64,
+    }
+
+    impl Default for R1Section {
+        fn default() -> Self {
+            R1Section {
+                min_duration_secs: default_r1_min_duration_secs(),
+                clear_duration_secs: default_r1_clear_duration_secs(),
+            }
+        }
+    }
+
+    fn default_r1_min_duration_secs() -> u64 {
+        600
+    }
+    fn default_r1_clear_duration_secs() -> u64 {
+        120
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const EXAMPLE: &str = r#"
+[site]
+id = "plant"
+name = "Example Dyeing"
+
+[[gateways]]
+id = "gw-01"
+poll_interval_secs = 30
+
+[[meters]]
+id = "m-stenter"
+gateway = "gw-01"
+profile = "dtsu666"
+tcp = "127.0.0.1:5020"
+unit = 1
+ct_ratio = 40
+
+[[meters]]
+id = "m-fan"
+gateway = "gw-01"
+profile = "sdm630"
+tcp = "127.0.0.1:5020"
+unit = 2
+
+[[lines]]
+id = "line1"
+
+[[lines.facilities]]
+id = "stenter"
+kind = "stenter"
+meter = "m-stenter"
+rated_kw = 150
+start_threshold_kw = 20
+
+[[lines.facilities]]
+id = "fan"
+kind = "main_fan"
+meter = "m-fan"
+rated_kw = 22
+start_threshold_kw = 3
+stop_threshold_kw = 2
+"#;
+
+    #[test]
+    fn example_site_parses_with_defaults() {
+        let site = Site::from_toml(EXAMPLE, "site.toml").unwrap();
+        assert_eq!(site.time_zone, chrono_tz::Asia::Shanghai);
+        assert_eq!(site.gateways[0].poll_interval, Duration::from_secs(30));
+        assert_eq!(site.gateways[0].modbus_timeout, Duration::from_millis(1000));
+        assert_eq!(site.meters[0].ratios, Ratios { ct: 40.0, pt: 1.0 });
+        let stenter = &site.lines[0].facilities[0];
+        assert_eq!(stenter.stop_threshold_kw, 16.0);
+        assert_eq!(stenter.role(), Role::Production);
+        assert_eq!(site.rules.r1.min_duration, Duration::from_secs(600));
+        assert_eq!(site.gateway_of_line(&site.lines[0]), "gw-01");
+    }
+
+    fn error_of(text: &str) -> String {
+        Site::from_toml(text, "site.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_file_and_line() {
+        let text = EXAMPLE.replace("unit = 2", "unit = 2\nbaud = 9600");
+        let err = error_of(&text);
+        assert!(err.starts_with("site.toml: "), "{err}");
+        assert!(err.contains("unknown field `baud`"), "{err}");
+        assert!(err.contains("line "), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = error_of(&EXAMPLE.replace("rated_kw = 22", "rated_kw = \"22\""));
+        assert!(
+            err.contains("site.toml") && err.contains("invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_meter_is_named_with_its_key() {
+        let err = error_of(&EXAMPLE.replace("meter = \"m-fan\"", "meter = \"m-nope\""));
+        assert_eq!(
+            err,
+            "site.toml: lines[0].facilities[1].meter: meter `m-nope` is not defined in [[meters]]"
+        );
+    }
+
+    #[test]
+    fn unknown_profile_is_named_with_its_key() {
+        let err = error_of(&EXAMPLE.replace("\"sdm630\"", "\"sdm999\""));
+        assert!(
+            err.starts_with("site.toml: meters[1].profile: unknown meter profile `sdm999`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn stop_threshold_above_start_is_refused() {
+        let err = error_of(&EXAMPLE.replace("stop_threshold_kw = 2", "stop_threshold_kw = 5"));
+        assert!(
+            err.contains("lines[0].facilities[1].stop_threshold_kw"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_ids_are_refused() {
+        assert!(validate_id("gw/1").is_err());
+        assert!(validate_id("gw+").is_err());
+        assert!(validate_id("").is_err());
+        assert!(validate_id("line_1-a").is_ok());
+        let err = error_of(&EXAMPLE.replace("id = \"gw-01\"", "id = \"gw#\""));
+        assert!(err.contains("gateways[0].id"), "{err}");
+    }
+}
