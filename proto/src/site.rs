@@ -789,3 +789,18 @@ stop_threshold_kw = 2
         assert!(err.contains("gateways[0].id"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    #[test]
+    fn deploy_example_site_file_is_valid() {
+        let text = include_str!("../../deploy/stenter-plant.site.toml");
+        let site = Site::from_toml(text, "deploy/stenter-plant.site.toml").unwrap();
+        assert_eq!(site.lines.len(), 2);
+        assert_eq!(site.meters.len(), 10);
+        let pump = &site.lines[0].facilities[1];
+        assert_eq!((pump.kind, pump.critical), (FacilityKind::SprayPump, false));
+    }
+}

@@ -1,0 +1,108 @@
+//! Notice texts people act on, in Chinese and English, times in the site's
+//! zone, e.g. "The alarm started at 2022-12-13 14:03 and lasted 27 minutes,
+//! involving condensers, fans, high-voltage electrostatic. Please check and
+//! restore in time."
+
+use chrono::{DateTime, SecondsFormat, TimeZone};
+use facwatch_proto::site::{FacilityKind, Line, Site};
+
+use super::Rule;
+
+pub(super) struct Notice {
+    pub(super) en: String,
+    pub(super) zh: String,
+}
+
+/// RFC 3339 with the zone's offset, seconds precision unless ms are set.
+pub(super) fn rfc3339(ms: i64, tz: chrono_tz::Tz) -> String {
+    let format = if ms % 1000 == 0 {
+        SecondsFormat::Secs
+    } else {
+        SecondsFormat::Millis
+    };
+    local(ms, tz).to_rfc3339_opts(format, false)
+}
+
+fn local(ms: i64, tz: chrono_tz::Tz) -> DateTime<chrono_tz::Tz> {
+    tz.timestamp_millis_opt(ms)
+        .single()
+        .unwrap_or_else(|| tz.timestamp_millis_opt(0).single().expect("epoch exists"))
+}
+
+/// Display order of facility kinds in a notice: the exhaust train's order
+/// as people name it.
+fn kind_rank(kind: FacilityKind) -> u8 {
+    match kind {
+        FacilityKind::Condenser => 0,
+        FacilityKind::MainFan => 1,
+        FacilityKind::HvEsp => 2,
+        FacilityKind::SprayPump => 3,
+        FacilityKind::Treatment => 4,
+        FacilityKind::Stenter => 5,
+        FacilityKind::Boiler => 6,
+        FacilityKind::Production => 7,
+    }
+}
+
+/// `until_ms` is the end of a closed interval or the latest data time of an
+/// open one.
+pub(super) fn render(
+    site: &Site,
+    line: &Line,
+    rule: Rule,
+    start_ms: i64,
+    until_ms: i64,
+    closed: bool,
+    facility_ids: &[String],
+) -> Notice {
+    let mut kinds: Vec<FacilityKind> = line
+        .facilities
+        .iter()
+        .filter(|f| facility_ids.contains(&f.id))
+        .map(|f| f.kind)
+        .collect();
+    kinds.sort_by_key(|k| kind_rank(*k));
+    kinds.dedup();
+    let nouns_en: Vec<&str> = kinds.iter().map(|k| k.noun_en()).collect();
+    let nouns_zh: Vec<&str> = kinds.iter().map(|k| k.noun_zh()).collect();
+    let start = local(start_ms, site.time_zone).format("%Y-%m-%d %H:%M");
+    let minutes = ((until_ms - start_ms) as f64 / 60_000.0).round() as i64;
+    let (what_en, what_zh) = match rule {
+        Rule::R1 => (
+            "treatment equipment stopped while production ran",
+            "生产设施运行期间治污设施停运",
+        ),
+    };
+    let site_name = if site.name.is_empty() {
+        &site.id
+    } else {
+        &site.name
+    };
+    let en = if closed {
+        format!(
+            "{site_name}, {}: {what_en}. The alarm started at {start} and lasted {minutes} minutes, involving {}. Please check and restore in time.",
+            line.name,
+            nouns_en.join(", ")
+        )
+    } else {
+        format!(
+            "{site_name}, {}: {what_en}. The alarm started at {start} and has lasted {minutes} minutes so far, involving {}. Please check and restore in time.",
+            line.name,
+            nouns_en.join(", ")
+        )
+    };
+    let zh = if closed {
+        format!(
+            "{site_name}，{}：{what_zh}。报警开始于{start}，持续{minutes}分钟，涉及{}，请及时检查恢复。",
+            line.name,
+            nouns_zh.join("、")
+        )
+    } else {
+        format!(
+            "{site_name}，{}：{what_zh}。报警开始于{start}，已持续{minutes}分钟，涉及{}，请及时检查恢复。",
+            line.name,
+            nouns_zh.join("、")
+        )
+    };
+    Notice { en, zh }
+}

@@ -1,0 +1,337 @@
+//! Detector tables: a plant history in, the exact events out.
+
+use super::*;
+use facwatch_proto::wire::{Quality, Values};
+
+const SITE: &str = r#"
+[site]
+id = "plant"
+name = "Demo Dyeing"
+
+[[gateways]]
+id = "gw"
+poll_interval_secs = 30
+
+[rules.r1]
+min_duration_secs = 600
+clear_duration_secs = 120
+
+[[meters]]
+id = "m-stenter"
+gateway = "gw"
+profile = "sdm630"
+tcp = "127.0.0.1:502"
+unit = 1
+
+[[meters]]
+id = "m-pump"
+gateway = "gw"
+profile = "sdm630"
+tcp = "127.0.0.1:502"
+unit = 2
+
+[[meters]]
+id = "m-condenser"
+gateway = "gw"
+profile = "sdm630"
+tcp = "127.0.0.1:502"
+unit = 3
+
+[[meters]]
+id = "m-esp"
+gateway = "gw"
+profile = "sdm630"
+tcp = "127.0.0.1:502"
+unit = 4
+
+[[meters]]
+id = "m-fan"
+gateway = "gw"
+profile = "sdm630"
+tcp = "127.0.0.1:502"
+unit = 5
+
+[[lines]]
+id = "line1"
+name = "Stenter line 1"
+
+[[lines.facilities]]
+id = "stenter"
+kind = "stenter"
+meter = "m-stenter"
+rated_kw = 150
+start_threshold_kw = 20
+
+[[lines.facilities]]
+id = "pump"
+kind = "spray_pump"
+meter = "m-pump"
+rated_kw = 5.5
+start_threshold_kw = 1
+critical = false
+
+[[lines.facilities]]
+id = "condenser"
+kind = "condenser"
+meter = "m-condenser"
+rated_kw = 7.5
+start_threshold_kw = 1.5
+
+[[lines.facilities]]
+id = "esp"
+kind = "hv_esp"
+meter = "m-esp"
+rated_kw = 10
+start_threshold_kw = 0.8
+
+[[lines.facilities]]
+id = "fan"
+kind = "main_fan"
+meter = "m-fan"
+rated_kw = 22
+start_threshold_kw = 4
+"#;
+
+/// 2022-12-13T00:00:00+08:00.
+const DAY_MS: i64 = 1_670_860_800_000;
+const POLL_MS: i64 = 30_000;
+
+fn site() -> Arc<Site> {
+    Arc::new(Site::from_toml(SITE, "test.site.toml").unwrap())
+}
+
+fn hm(h: i64, m: i64) -> i64 {
+    DAY_MS + (h * 60 + m) * 60_000
+}
+
+/// What a meter shows at a time: a power, or a failed poll.
+#[derive(Clone, Copy)]
+enum Reading {
+    Kw(f32),
+    Timeout,
+}
+
+/// Polls every meter every 30 s from `from` to `to`, asking `plant` what
+/// each shows.
+fn history(from: i64, to: i64, plant: impl Fn(&str, i64) -> Reading) -> Vec<Sample> {
+    let meters = ["m-stenter", "m-pump", "m-condenser", "m-esp", "m-fan"];
+    let mut samples = Vec::new();
+    let mut t = from;
+    while t < to {
+        for (i, meter) in meters.iter().enumerate() {
+            let time_ms = t + i as i64 * 10;
+            let sample = match plant(meter, time_ms) {
+                Reading::Kw(p) => Sample {
+                    meter: meter.to_string(),
+                    time_ms,
+                    quality: Quality::Ok,
+                    values: Values {
+                        power_kw: Some(p),
+                        ..Values::default()
+                    },
+                },
+                Reading::Timeout => Sample {
+                    meter: meter.to_string(),
+                    time_ms,
+                    quality: Quality::Timeout,
+                    values: Values::default(),
+                },
+            };
+            samples.push(sample);
+        }
+        t += POLL_MS;
+    }
+    samples
+}
+
+fn normal(meter: &str) -> Reading {
+    Reading::Kw(match meter {
+        "m-stenter" => 110.0,
+        "m-pump" => 5.0,
+        "m-condenser" => 6.4,
+        "m-esp" => 4.0,
+        _ => 17.6,
+    })
+}
+
+/// The seed incident: condenser, ESP and fan off from 14:03 to 14:30.
+fn incident(meter: &str, t: i64) -> Reading {
+    let down = ["m-condenser", "m-esp", "m-fan"].contains(&meter);
+    if down && t >= hm(14, 3) && t < hm(14, 30) {
+        Reading::Kw(0.0)
+    } else {
+        normal(meter)
+    }
+}
+
+fn closed(events: &[Event]) -> Vec<&Event> {
+    events
+        .iter()
+        .filter(|e| e.status == EventStatus::Closed)
+        .collect()
+}
+
+fn run_all(samples: &[Sample]) -> Vec<Event> {
+    let mut detector = GatewayDetector::new(site(), "gw");
+    detector.apply(samples, 0)
+}
+
+#[test]
+fn seed_incident_gives_one_closed_event_of_27_minutes_with_the_three_facilities() {
+    let events = run_all(&history(hm(12, 0), hm(16, 0), incident));
+    let closed = closed(&events);
+    assert_eq!(closed.len(), 1, "{events:#?}");
+    let event = closed[0];
+    // First sample showing the condenser stopped: the 14:03:00 poll.
+    assert_eq!(event.start_ms, hm(14, 3) + 20);
+    // The condition stops holding with the first reading of the last
+    // critical facility to run again (the fan, polled last).
+    assert_eq!(event.end_ms, Some(hm(14, 30) + 40));
+    assert_eq!(event.duration_secs(), Some(27 * 60));
+    assert_eq!(event.facilities, ["condenser", "esp", "fan"]);
+    assert_eq!(
+        event.id,
+        event_id("plant", "line1", Rule::R1, hm(14, 3) + 20)
+    );
+    assert_eq!(
+        event.notice_en,
+        "Demo Dyeing, Stenter line 1: treatment equipment stopped while production ran. \
+         The alarm started at 2022-12-13 14:03 and lasted 27 minutes, involving condensers, \
+         fans, high-voltage electrostatic. Please check and restore in time."
+    );
+    assert_eq!(
+        event.notice_zh,
+        "Demo Dyeing，Stenter line 1：生产设施运行期间治污设施停运。报警开始于2022-12-13 14:03，\
+         持续27分钟，涉及冷凝器、风机、高压静电，请及时检查恢复。"
+    );
+    let json = event.to_json(chrono_tz::Asia::Shanghai);
+    assert_eq!(json["start"], "2022-12-13T14:03:00.020+08:00");
+    assert_eq!(json["duration_secs"], 1620);
+    assert_eq!(json["status"], "closed");
+}
+
+#[test]
+fn event_opens_after_the_minimum_duration_with_its_original_start() {
+    let samples = history(hm(12, 0), hm(14, 20), incident);
+    let events = run_all(&samples);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0].status, EventStatus::Open);
+    assert_eq!(events[0].start_ms, hm(14, 3) + 20);
+    assert_eq!(events[0].end_ms, None);
+}
+
+/// The fan alone stops for `stopped_polls` polls from 14:00.
+fn fan_stops_for(stopped_polls: i64) -> impl Fn(&str, i64) -> Reading {
+    move |meter, t| {
+        let stop = hm(14, 0);
+        if meter == "m-fan" && t >= stop && t < stop + stopped_polls * POLL_MS {
+            Reading::Kw(0.0)
+        } else {
+            normal(meter)
+        }
+    }
+}
+
+#[test]
+fn condition_one_sample_short_of_the_minimum_gives_no_event() {
+    // 19 stopped polls: stopped from 14:00:00 until the running reading
+    // at 14:09:30, 570 s < 600 s.
+    let events = run_all(&history(hm(13, 0), hm(15, 0), fan_stops_for(19)));
+    assert_eq!(events, vec![]);
+}
+
+#[test]
+fn condition_lasting_exactly_the_minimum_gives_one_event() {
+    let events = run_all(&history(hm(13, 0), hm(15, 0), fan_stops_for(20)));
+    let closed = closed(&events);
+    assert_eq!(closed.len(), 1, "{events:#?}");
+    assert_eq!(closed[0].duration_secs(), Some(600));
+    assert_eq!(closed[0].facilities, ["fan"]);
+}
+
+#[test]
+fn silent_meter_is_unknown_never_stopped() {
+    let plant = |meter: &str, t: i64| {
+        if meter == "m-fan" && t >= hm(14, 0) && t < hm(15, 0) {
+            Reading::Timeout
+        } else {
+            normal(meter)
+        }
+    };
+    assert_eq!(run_all(&history(hm(13, 0), hm(16, 0), plant)), vec![]);
+}
+
+#[test]
+fn non_critical_facility_alone_raises_nothing_but_is_listed_with_a_critical_one() {
+    let pump_only = |meter: &str, t: i64| match meter {
+        "m-pump" if t >= hm(14, 0) => Reading::Kw(0.0),
+        _ => normal(meter),
+    };
+    assert_eq!(run_all(&history(hm(13, 0), hm(16, 0), pump_only)), vec![]);
+
+    let pump_and_fan = |meter: &str, t: i64| match meter {
+        "m-pump" | "m-fan" if t >= hm(14, 0) && t < hm(14, 30) => Reading::Kw(0.0),
+        _ => normal(meter),
+    };
+    let events = run_all(&history(hm(13, 0), hm(16, 0), pump_and_fan));
+    assert_eq!(closed(&events)[0].facilities, ["fan", "pump"]);
+}
+
+#[test]
+fn treatment_stopped_while_production_is_stopped_is_no_violation() {
+    let night = |meter: &str, _t: i64| match meter {
+        "m-stenter" => Reading::Kw(8.0),
+        _ => Reading::Kw(0.0),
+    };
+    assert_eq!(run_all(&history(hm(0, 0), hm(6, 0), night)), vec![]);
+}
+
+#[test]
+fn any_batching_and_restart_from_snapshots_yields_the_same_events() {
+    let samples = history(hm(12, 0), hm(16, 0), incident);
+    let reference = run_all(&samples);
+    // Split into uneven batches and restart from a snapshot after each.
+    let mut snapshot = GatewayDetector::new(site(), "gw").snapshot();
+    let mut events: Vec<Event> = Vec::new();
+    let mut rest = &samples[..];
+    let mut size = 1;
+    while !rest.is_empty() {
+        let (batch, tail) = rest.split_at(size.min(rest.len()));
+        let mut detector = GatewayDetector::restore(site(), "gw", &snapshot).unwrap();
+        for event in detector.apply(batch, 0) {
+            match events.iter_mut().find(|e| e.id == event.id) {
+                Some(existing) => *existing = event,
+                None => events.push(event),
+            }
+        }
+        snapshot = detector.snapshot();
+        rest = tail;
+        size = size * 3 % 97 + 1;
+    }
+    assert_eq!(events, reference);
+}
+
+#[test]
+fn event_store_encoding_round_trips_and_refuses_other_versions() {
+    let events = run_all(&history(hm(12, 0), hm(16, 0), incident));
+    let bytes = events[0].encode();
+    assert_eq!(Event::decode(&bytes).unwrap(), events[0]);
+    let mut newer = bytes.clone();
+    newer[0] = 9;
+    assert!(Event::decode(&newer)
+        .unwrap_err()
+        .to_string()
+        .contains("version 9"));
+    assert!(GatewayDetector::restore(site(), "gw", &[]).is_err());
+}
+
+#[test]
+fn historical_flag_marks_intervals_closed_long_after_they_ended() {
+    let samples = history(hm(12, 0), hm(16, 0), incident);
+    let mut live = GatewayDetector::new(site(), "gw");
+    let events = live.apply(&samples, hm(14, 33));
+    assert!(!closed(&events)[0].historical);
+    let mut replay = GatewayDetector::new(site(), "gw");
+    let events = replay.apply(&samples, hm(20, 0));
+    assert!(closed(&events)[0].historical);
+}
