@@ -1,1 +1,122 @@
-fn main() {}
+//! `cargo run --release`: one simulated day of a dyeing-and-finishing plant
+//! through the whole facwatch pipeline, in one process.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use facwatch::pipeline::{self, Options, Progress};
+use facwatch::report::{self, ProgressView};
+use tokio::sync::mpsc;
+
+#[derive(Parser)]
+#[command(version, about = "Runs a simulated plant day through simulator, gateway, broker and ingest.")]
+struct Args {
+    /// Print each closed event as one JSON line on stdout (progress goes to
+    /// stderr).
+    #[arg(long)]
+    json: bool,
+    /// A scenario file (naming its site file) instead of the built-in plant.
+    #[arg(long, value_name = "PATH")]
+    scenario: Option<PathBuf>,
+    /// Virtual seconds per wall-clock second, instead of the scenario's.
+    #[arg(long, value_name = "X")]
+    time_scale: Option<f64>,
+    /// Keep the gateway buffer and ingest store here instead of a temporary
+    /// directory.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("facwatch: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(demo(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("facwatch: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(args: Args) -> anyhow::Result<()> {
+    if let Some(scale) = args.time_scale {
+        anyhow::ensure!(scale.is_finite() && scale > 0.0, "--time-scale must be a positive number");
+    }
+    let scenario = match &args.scenario {
+        Some(path) => facwatch_sim::Scenario::load(path)?,
+        None => facwatch::builtin_scenario()?,
+    };
+    let temp;
+    let work_dir = match &args.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            dir.clone()
+        }
+        None => {
+            temp = tempfile::tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let tz = scenario.site.time_zone;
+    eprintln!(
+        "facwatch demo: {} ({}), {} to {}, {}x",
+        scenario.site.name,
+        scenario.site.id,
+        report::local_minute(scenario.start_ms, tz),
+        report::local_minute(scenario.end_ms, tz),
+        args.time_scale.unwrap_or(scenario.time_scale)
+    );
+    let mut view = ProgressView::new(std::io::stderr().is_terminal(), scenario.start_ms, scenario.end_ms, tz);
+    let options = Options {
+        time_scale: args.time_scale,
+        ..Options::default()
+    };
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let run = tokio::spawn({
+        let work_dir = work_dir.clone();
+        async move { pipeline::run(scenario, &work_dir, options, tx).await }
+    });
+    while let Some(progress) = rx.recv().await {
+        match &progress {
+            Progress::Closed(event) => {
+                if args.json {
+                    println!("{event}");
+                } else {
+                    view.clear_line(&mut std::io::stderr());
+                    println!("{}", event["notice"]["en"].as_str().unwrap_or_default());
+                }
+            }
+            other => view.show(other),
+        }
+    }
+    view.clear_line(&mut std::io::stderr());
+    let outcome = run.await??;
+    if args.json {
+        eprint!("{}", report::summary(&outcome));
+    } else {
+        print!("{}", report::summary(&outcome));
+    }
+    anyhow::ensure!(
+        outcome.samples_applied == outcome.samples_produced,
+        "the ingest applied {} samples but the gateway took {}",
+        outcome.samples_applied,
+        outcome.samples_produced
+    );
+    Ok(())
+}

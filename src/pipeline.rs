@@ -1,0 +1,273 @@
+//! The whole pipeline in one process: simulated plant -> gateway -> broker
+//! -> ingest, wired over loopback exactly as the separate binaries are
+//! (Modbus TCP, MQTT, redb files), on one shared virtual clock.
+//!
+//! Used by the demo (`cargo run --release`) and by the end-to-end tests.
+//! Every socket binds port 0; every part stops through its own
+//! cancellation token; the run ends when the gateway has polled up to the
+//! end of the window and the ingest has acknowledged every batch.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use facwatch_ingest::detect::{Event, EventStatus};
+use facwatch_proto::clock::Clock;
+use facwatch_proto::site::Site;
+use facwatch_proto::topics;
+use facwatch_sim::Scenario;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How to run a scenario.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Virtual span to run, default the scenario's `[start, end)`.
+    pub window: Option<(i64, i64)>,
+    /// Overrides the scenario's time scale.
+    pub time_scale: Option<f64>,
+    /// Stop the ingest at the first virtual time and start it again (same
+    /// store) at the second, while the gateway keeps polling.
+    pub ingest_outage: Option<(i64, i64)>,
+}
+
+/// What the caller hears while the run goes on.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The virtual clock reads `now_ms` (sent about ten times a second).
+    Tick {
+        now_ms: i64,
+        samples_produced: u64,
+        samples_applied: u64,
+        events_closed: usize,
+    },
+    /// The ingest published an event that just closed (the JSON the
+    /// platform sees).
+    Closed(serde_json::Value),
+    /// The ingest was stopped or started again (outage option).
+    Ingest { running: bool, now_ms: i64 },
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub site: Site,
+    /// Every event in the ingest's store at the end, by start time.
+    pub events: Vec<Event>,
+    pub samples_produced: u64,
+    pub samples_applied: u64,
+    pub batches_applied: u64,
+    pub wall: Duration,
+}
+
+/// Runs `scenario` through simulator, gateway, embedded broker and ingest,
+/// keeping their files in `work_dir`.
+pub async fn run(
+    scenario: Scenario,
+    work_dir: &Path,
+    options: Options,
+    progress: mpsc::UnboundedSender<Progress>,
+) -> anyhow::Result<Outcome> {
+    let started = Instant::now();
+    let (from_ms, until_ms) = options.window.unwrap_or((scenario.start_ms, scenario.end_ms));
+    if from_ms >= until_ms {
+        bail!("empty window: {from_ms} >= {until_ms}");
+    }
+    let scale = options.time_scale.unwrap_or(scenario.time_scale);
+    let Some(gateway_id) = scenario.site.gateways.first().map(|g| g.id.clone()) else {
+        bail!("the scenario's site has no gateway");
+    };
+
+    // Meters on ephemeral ports; the site seen by gateway and ingest points
+    // at them.
+    let (endpoints, site) = facwatch_sim::bind(&scenario.site, true)
+        .await
+        .context("binding simulated meters")?;
+    let clock = Clock::starting_now(from_ms, scale);
+    let stop_sim = CancellationToken::new();
+    let sim = tokio::spawn(facwatch_sim::serve(
+        Arc::new(scenario),
+        clock,
+        endpoints,
+        stop_sim.clone(),
+    ));
+
+    let broker = facwatch_ingest::broker::start_embedded("127.0.0.1:0".parse()?)
+        .context("starting the embedded MQTT broker")?;
+    let mqtt_host = broker.addr.ip().to_string();
+    let mqtt_port = broker.addr.port();
+
+    // The platform's view: closed events as published on MQTT.
+    let stop_watch = CancellationToken::new();
+    let watcher = tokio::spawn(watch_events(
+        mqtt_host.clone(),
+        mqtt_port,
+        site.id.clone(),
+        progress.clone(),
+        stop_watch.clone(),
+    ));
+
+    let ingest_settings = {
+        let mut s = facwatch_ingest::Settings::new(
+            vec![site.clone()],
+            work_dir.join("ingest.redb"),
+            facwatch_ingest::MqttSettings::new(&mqtt_host, mqtt_port, "facwatch-ingest"),
+        );
+        s.clock = clock;
+        s
+    };
+    let ingest_stats = Arc::new(facwatch_ingest::Stats::default());
+    let mut ingest = Some(start_ingest(ingest_settings.clone(), ingest_stats.clone()));
+
+    let gateway_settings = {
+        let mut s = facwatch_gateway::Settings::new(
+            &site,
+            &gateway_id,
+            facwatch_gateway::MqttSettings::new(&mqtt_host, mqtt_port, &format!("facwatch-gw-{gateway_id}")),
+            work_dir.join("gateway.redb"),
+            clock,
+        )?;
+        s.poll_until_ms = Some(until_ms);
+        s.ack_timeout = Duration::from_millis(500);
+        s
+    };
+    let gateway_stats = Arc::new(facwatch_gateway::Stats::default());
+    let stop_gateway = CancellationToken::new();
+    let mut gateway = tokio::spawn(facwatch_gateway::run(
+        gateway_settings,
+        gateway_stats.clone(),
+        stop_gateway.clone(),
+    ));
+
+    let mut outage = options.ingest_outage;
+    let mut ticker = tokio::time::interval(Duration::from_millis(100));
+    let report = loop {
+        tokio::select! {
+            result = &mut gateway => break result.context("gateway task")??,
+            _ = ticker.tick() => {}
+        }
+        let now_ms = clock.now_ms();
+        if let Some((down_ms, up_ms)) = outage {
+            if ingest.is_some() && now_ms >= down_ms {
+                stop_ingest(ingest.take().expect("checked")).await?;
+                let _ = progress.send(Progress::Ingest { running: false, now_ms });
+            }
+            if ingest.is_none() && now_ms >= up_ms {
+                ingest = Some(start_ingest(ingest_settings.clone(), ingest_stats.clone()));
+                let _ = progress.send(Progress::Ingest { running: true, now_ms });
+                outage = None;
+            }
+        }
+        let ingest_now = ingest_stats.snapshot();
+        let _ = progress.send(Progress::Tick {
+            now_ms: now_ms.min(until_ms),
+            samples_produced: gateway_stats.samples_produced.load(Ordering::Relaxed),
+            samples_applied: ingest_now.samples_applied,
+            events_closed: ingest_now.events_closed as usize,
+        });
+    };
+    // The gateway returned: every batch up to the end is acked, so the
+    // ingest has committed it.
+    if let Some(handle) = ingest.take() {
+        stop_ingest(handle).await?;
+    }
+    stop_sim.cancel();
+    sim.await.context("simulator task")??;
+
+    let store = facwatch_ingest::store::Store::open(&work_dir.join("ingest.redb"))?;
+    let events = store.events()?;
+    let samples_applied = store.samples_applied(&gateway_id)?;
+    let batches_applied = store.last_seq(&gateway_id)?.unwrap_or(0);
+    drop(store);
+
+    // Let the platform view catch up with what the store holds, bounded.
+    let closed: HashSet<String> = events
+        .iter()
+        .filter(|e| e.status == EventStatus::Closed)
+        .map(|e| e.id.clone())
+        .collect();
+    stop_watch.cancel();
+    let seen = watcher.await.context("event watcher task")?;
+    for event in events.iter().filter(|e| closed.contains(&e.id) && !seen.contains(&e.id)) {
+        // Published before the watcher subscribed, or after it stopped.
+        let _ = progress.send(Progress::Closed(event.to_json(site.time_zone)));
+    }
+
+    Ok(Outcome {
+        site,
+        events,
+        samples_produced: report.samples_produced,
+        samples_applied,
+        batches_applied,
+        wall: started.elapsed(),
+    })
+}
+
+type IngestTask = (CancellationToken, JoinHandle<Result<(), facwatch_ingest::IngestError>>);
+
+fn start_ingest(settings: facwatch_ingest::Settings, stats: Arc<facwatch_ingest::Stats>) -> IngestTask {
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(facwatch_ingest::run(settings, stats, stop.clone()));
+    (stop, handle)
+}
+
+async fn stop_ingest((stop, handle): IngestTask) -> anyhow::Result<()> {
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), handle)
+        .await
+        .context("ingest did not stop within 10 s")?
+        .context("ingest task")??;
+    Ok(())
+}
+
+/// Subscribes to the site's events topic and reports closed events, once
+/// per id. Returns the ids it reported.
+async fn watch_events(
+    host: String,
+    port: u16,
+    site: String,
+    progress: mpsc::UnboundedSender<Progress>,
+    stop: CancellationToken,
+) -> HashSet<String> {
+    let mut options = MqttOptions::new("facwatch-demo-platform", host, port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let topic = topics::events(&site);
+    let mut seen = HashSet::new();
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => break,
+            event = eventloop.poll() => event,
+        };
+        match event {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                // Queues the request; the event loop sends it.
+                let _ = client.try_subscribe(&topic, QoS::AtLeastOnce);
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                let Ok(json) = serde_json::from_slice::<serde_json::Value>(&publish.payload) else {
+                    continue;
+                };
+                let closed = json["status"] == "closed";
+                let id = json["id"].as_str().unwrap_or_default().to_string();
+                if closed && seen.insert(id) {
+                    let _ = progress.send(Progress::Closed(json));
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+        }
+    }
+    seen
+}
