@@ -1,0 +1,817 @@
+//! The scenario file: what the simulated plant does over a span of virtual
+//! time (see `deploy/stenter-plant.scenario.toml`).
+//!
+//! Two stages, as everywhere in facwatch: `raw` serde structs that refuse
+//! unknown keys, then [`Scenario`], built only after every reference is
+//! checked. Invariants of a [`Scenario`]:
+//! - it holds the validated [`Site`] its `site_file` names, and every line,
+//!   facility and meter it mentions exists in that site;
+//! - `start_ms < end_ms`, `time_scale` is finite and positive;
+//! - every shift covers at least one line and is not empty
+//!   (`production_end < production_start` means it runs past midnight);
+//!   leads and lags are at most 12 hours;
+//! - every fault window is non-empty and overlaps the scenario's span;
+//! - facility overrides name distinct facilities and hold sane numbers;
+//! - no two meters of the site share one TCP endpoint and unit id (a real
+//!   RS-485 bus could not tell them apart).
+//!
+//! Errors name the file, the key (as a dotted path) and the problem.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveTime};
+use facwatch_proto::site::{parse_toml, read_toml, ConfigError, Site};
+
+/// A validated scenario: the site it drives and what happens when.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    pub site: Site,
+    /// Seeds every random-looking quantity (noise, voltages, initial
+    /// counters): equal seeds give equal readings.
+    pub seed: u64,
+    /// Virtual time (Unix ms) the clock starts at.
+    pub start_ms: i64,
+    /// Virtual time (Unix ms) the scenario ends at.
+    pub end_ms: i64,
+    /// Virtual seconds per wall-clock second.
+    pub time_scale: f64,
+    pub shifts: Vec<Shift>,
+    pub faults: Vec<Fault>,
+    pub facility_overrides: Vec<FacilityOverride>,
+}
+
+/// A daily production window of some lines, in the site's local time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shift {
+    pub lines: Vec<String>,
+    pub production_start: NaiveTime,
+    /// Earlier than `production_start`: the shift ends the next day.
+    pub production_end: NaiveTime,
+    /// Treatment starts this long before production.
+    pub treatment_lead: Duration,
+    /// Treatment stops this long after production.
+    pub treatment_lag: Duration,
+}
+
+/// A half-open span of virtual time `[from_ms, until_ms)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub from_ms: i64,
+    pub until_ms: i64,
+}
+
+impl Window {
+    pub fn contains(&self, at_ms: i64) -> bool {
+        self.from_ms <= at_ms && at_ms < self.until_ms
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    pub window: Window,
+    pub effect: FaultEffect,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FaultEffect {
+    /// The facilities draw their off level (stopped, tripped).
+    FacilityOff { facilities: Vec<String> },
+    /// The meters do not answer at all.
+    MeterSilent { meters: Vec<String> },
+    /// The meters answer every request with this Modbus exception code.
+    ModbusException { meters: Vec<String>, code: u8 },
+}
+
+/// What a meter fault does to a request at some instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeterFault {
+    Silent,
+    Exception(u8),
+}
+
+/// Scenario-specific load of one facility; `None` keeps the default of its
+/// kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FacilityOverride {
+    pub facility: String,
+    /// Running draw as a fraction of the rated power.
+    pub running_fraction: Option<f64>,
+    /// Draw when not running (idle production, standby treatment), kW.
+    pub idle_kw: Option<f64>,
+    /// Noise amplitude, percent of the draw.
+    pub noise_pct: Option<f64>,
+    /// Fixed power factor instead of the default 0.80-0.88.
+    pub power_factor: Option<f64>,
+}
+
+const MAX_LEAD_OR_LAG_MINS: u32 = 12 * 60;
+
+impl Scenario {
+    /// Loads a scenario file and the site file it names (relative to the
+    /// scenario file's directory).
+    pub fn load(path: &Path) -> Result<Scenario, ConfigError> {
+        let (raw, file) = read_toml::<raw::ScenarioFile>(path)?;
+        let site_path = path
+            .parent()
+            .unwrap_or_else(|| Path::new(""))
+            .join(&raw.site_file);
+        let site = Site::load(&site_path).map_err(|e| {
+            if e.key.is_none() && e.problem.starts_with("cannot read") {
+                // Say where the path came from, not only that it is missing.
+                ConfigError::new(&file, "site_file", format!("{}: {}", e.file, e.problem))
+            } else {
+                e
+            }
+        })?;
+        Scenario::validate(raw, &file, site)
+    }
+
+    /// Parses and validates scenario text for an already loaded `site`;
+    /// `file` names the text in errors. Its `site_file` key is only checked
+    /// for presence.
+    pub fn from_toml(text: &str, file: &str, site: Site) -> Result<Scenario, ConfigError> {
+        Scenario::validate(parse_toml(text, file)?, file, site)
+    }
+
+    /// The fault a meter shows at `at_ms`, if any. Silence wins over an
+    /// exception when windows overlap: a meter that does not answer cannot
+    /// answer with an exception.
+    pub fn meter_fault(&self, meter: &str, at_ms: i64) -> Option<MeterFault> {
+        let mut found = None;
+        for fault in self.faults.iter().filter(|f| f.window.contains(at_ms)) {
+            match &fault.effect {
+                FaultEffect::MeterSilent { meters } if meters.iter().any(|m| m == meter) => {
+                    return Some(MeterFault::Silent);
+                }
+                FaultEffect::ModbusException { meters, code }
+                    if found.is_none() && meters.iter().any(|m| m == meter) =>
+                {
+                    found = Some(MeterFault::Exception(*code));
+                }
+                _ => {}
+            }
+        }
+        found
+    }
+
+    fn validate(raw: raw::ScenarioFile, file: &str, site: Site) -> Result<Scenario, ConfigError> {
+        let err = |key: String, problem: String| ConfigError::new(file, key, problem);
+        if raw.site_file.trim().is_empty() {
+            return Err(err("site_file".into(), "must name the site file".into()));
+        }
+        check_unique_meter_addresses(&site, &raw.site_file, file)?;
+
+        let start_ms = timestamp_ms(&raw.start, "start", file)?;
+        let end_ms = timestamp_ms(&raw.end, "end", file)?;
+        if end_ms <= start_ms {
+            return Err(err(
+                "end".into(),
+                format!("must be after start ({})", time_text(&raw.start)),
+            ));
+        }
+        if !(raw.time_scale.is_finite() && raw.time_scale > 0.0) {
+            return Err(err(
+                "time_scale".into(),
+                format!("{} must be a positive number", raw.time_scale),
+            ));
+        }
+
+        let facility_exists = |id: &str| {
+            site.lines
+                .iter()
+                .any(|l| l.facilities.iter().any(|f| f.id == id))
+        };
+        let meter_exists = |id: &str| site.meters.iter().any(|m| m.id == id);
+        let line_exists = |id: &str| site.lines.iter().any(|l| l.id == id);
+
+        let mut shifts = Vec::new();
+        for (i, s) in raw.shifts.iter().enumerate() {
+            let key = |k: &str| format!("shifts[{i}].{k}");
+            check_names(
+                &s.lines,
+                line_exists,
+                "line",
+                &key("lines"),
+                &raw.site_file,
+                file,
+            )?;
+            let production_start =
+                time_of_day(&s.production_start, &key("production_start"), file)?;
+            let production_end = time_of_day(&s.production_end, &key("production_end"), file)?;
+            if production_start == production_end {
+                return Err(err(
+                    key("production_end"),
+                    "equals production_start; a shift needs a length".into(),
+                ));
+            }
+            for (name, mins) in [
+                ("treatment_lead_mins", s.treatment_lead_mins),
+                ("treatment_lag_mins", s.treatment_lag_mins),
+            ] {
+                if mins > MAX_LEAD_OR_LAG_MINS {
+                    return Err(err(
+                        key(name),
+                        format!("{mins} is more than {MAX_LEAD_OR_LAG_MINS} minutes"),
+                    ));
+                }
+            }
+            shifts.push(Shift {
+                lines: s.lines.clone(),
+                production_start,
+                production_end,
+                treatment_lead: Duration::from_secs(u64::from(s.treatment_lead_mins) * 60),
+                treatment_lag: Duration::from_secs(u64::from(s.treatment_lag_mins) * 60),
+            });
+        }
+
+        let mut faults = Vec::new();
+        for (i, f) in raw.faults.iter().enumerate() {
+            let key = |k: &str| format!("faults[{i}].{k}");
+            let from_ms = timestamp_ms(&f.from, &key("from"), file)?;
+            let until_ms = timestamp_ms(&f.until, &key("until"), file)?;
+            if until_ms <= from_ms {
+                return Err(err(key("until"), "must be after from".into()));
+            }
+            if until_ms <= start_ms || from_ms >= end_ms {
+                return Err(err(
+                    key("from"),
+                    "the fault window lies outside the scenario's start..end".into(),
+                ));
+            }
+            let forbid = |present: bool, name: &str| -> Result<(), ConfigError> {
+                if present {
+                    return Err(err(
+                        key(name),
+                        format!("does not apply to kind = \"{}\"", f.kind.as_str()),
+                    ));
+                }
+                Ok(())
+            };
+            let require = |list: &Option<Vec<String>>, name: &str| {
+                list.clone().ok_or_else(|| {
+                    err(
+                        key(name),
+                        format!("is required for kind = \"{}\"", f.kind.as_str()),
+                    )
+                })
+            };
+            let effect = match f.kind {
+                raw::FaultKind::FacilityOff => {
+                    forbid(f.meters.is_some(), "meters")?;
+                    forbid(f.code.is_some(), "code")?;
+                    let facilities = require(&f.facilities, "facilities")?;
+                    check_names(
+                        &facilities,
+                        facility_exists,
+                        "facility",
+                        &key("facilities"),
+                        &raw.site_file,
+                        file,
+                    )?;
+                    FaultEffect::FacilityOff { facilities }
+                }
+                raw::FaultKind::MeterSilent | raw::FaultKind::ModbusException => {
+                    forbid(f.facilities.is_some(), "facilities")?;
+                    let meters = require(&f.meters, "meters")?;
+                    check_names(
+                        &meters,
+                        meter_exists,
+                        "meter",
+                        &key("meters"),
+                        &raw.site_file,
+                        file,
+                    )?;
+                    if f.kind == raw::FaultKind::MeterSilent {
+                        forbid(f.code.is_some(), "code")?;
+                        FaultEffect::MeterSilent { meters }
+                    } else {
+                        let code = match f.code {
+                            Some(0) => {
+                                return Err(err(
+                                    key("code"),
+                                    "0 is not a Modbus exception code (1..=255)".into(),
+                                ))
+                            }
+                            Some(code) => code,
+                            None => {
+                                return Err(err(
+                                    key("code"),
+                                    "is required for kind = \"modbus_exception\" (e.g. 4, server device failure)".into(),
+                                ))
+                            }
+                        };
+                        FaultEffect::ModbusException { meters, code }
+                    }
+                }
+            };
+            faults.push(Fault {
+                window: Window { from_ms, until_ms },
+                effect,
+            });
+        }
+
+        let mut facility_overrides = Vec::new();
+        let mut overridden = HashSet::new();
+        for (i, o) in raw.facilities.iter().enumerate() {
+            let key = |k: &str| format!("facilities[{i}].{k}");
+            if !facility_exists(&o.id) {
+                return Err(err(
+                    key("id"),
+                    format!(
+                        "facility `{}` is not defined in site file `{}`",
+                        o.id, raw.site_file
+                    ),
+                ));
+            }
+            if !overridden.insert(o.id.clone()) {
+                return Err(err(
+                    key("id"),
+                    format!("facility `{}` is overridden twice", o.id),
+                ));
+            }
+            let in_range =
+                |value: Option<f64>, name: &str, low: f64, high: f64, low_open: bool| match value {
+                    Some(v)
+                        if !(v.is_finite()
+                            && v <= high
+                            && (v > low || (!low_open && v == low))) =>
+                    {
+                        let bracket = if low_open { "(" } else { "[" };
+                        Err(err(
+                            key(name),
+                            format!("{v} is outside {bracket}{low}, {high}]"),
+                        ))
+                    }
+                    _ => Ok(value),
+                };
+            facility_overrides.push(FacilityOverride {
+                facility: o.id.clone(),
+                running_fraction: in_range(o.running_fraction, "running_fraction", 0.0, 1.5, true)?,
+                idle_kw: in_range(o.idle_kw, "idle_kw", 0.0, 1.0e6, false)?,
+                noise_pct: in_range(o.noise_pct, "noise_pct", 0.0, 50.0, false)?,
+                power_factor: in_range(o.power_factor, "power_factor", 0.0, 1.0, true)?,
+            });
+        }
+
+        Ok(Scenario {
+            site,
+            seed: raw.seed,
+            start_ms,
+            end_ms,
+            time_scale: raw.time_scale,
+            shifts,
+            faults,
+            facility_overrides,
+        })
+    }
+}
+
+/// Every name in `names` must exist; the list must not be empty.
+fn check_names(
+    names: &[String],
+    exists: impl Fn(&str) -> bool,
+    what: &str,
+    key: &str,
+    site_file: &str,
+    file: &str,
+) -> Result<(), ConfigError> {
+    if names.is_empty() {
+        return Err(ConfigError::new(
+            file,
+            key,
+            format!("needs at least one {what}"),
+        ));
+    }
+    match names.iter().find(|n| !exists(n)) {
+        Some(missing) => Err(ConfigError::new(
+            file,
+            key,
+            format!("{what} `{missing}` is not defined in site file `{site_file}`"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn check_unique_meter_addresses(
+    site: &Site,
+    site_file: &str,
+    file: &str,
+) -> Result<(), ConfigError> {
+    for (i, a) in site.meters.iter().enumerate() {
+        if let Some(b) = site.meters[..i]
+            .iter()
+            .find(|b| b.tcp == a.tcp && b.unit == a.unit)
+        {
+            return Err(ConfigError::new(
+                file,
+                "site_file",
+                format!(
+                    "meters `{}` and `{}` in `{site_file}` share endpoint {} and unit {}",
+                    b.id, a.id, a.tcp, a.unit
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A time as written, TOML string or date-time alike.
+fn time_text(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Datetime(d) => d.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// RFC 3339 with an offset, as a TOML string or an offset date-time.
+fn timestamp_ms(value: &toml::Value, key: &str, file: &str) -> Result<i64, ConfigError> {
+    if !matches!(value, toml::Value::String(_) | toml::Value::Datetime(_)) {
+        return Err(ConfigError::new(
+            file,
+            key,
+            format!(
+                "expected an RFC 3339 time string, found a {}",
+                value.type_str()
+            ),
+        ));
+    }
+    let text = time_text(value);
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            ConfigError::new(
+                file,
+                key,
+                format!(
+                    "`{text}` is not an RFC 3339 time with offset (e.g. 2022-12-13T07:00:00+08:00): {e}"
+                ),
+            )
+        })
+}
+
+fn time_of_day(text: &str, key: &str, file: &str) -> Result<NaiveTime, ConfigError> {
+    let valid = text.len() == 5 && text.as_bytes()[2] == b':';
+    NaiveTime::parse_from_str(text, "%H:%M")
+        .ok()
+        .filter(|_| valid)
+        .ok_or_else(|| {
+            ConfigError::new(
+                file,
+                key,
+                format!("`{text}` is not a time of day HH:MM (e.g. 07:00)"),
+            )
+        })
+}
+
+/// The scenario file as written; see `deploy/stenter-plant.scenario.toml`.
+mod raw {
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct ScenarioFile {
+        pub(super) site_file: String,
+        pub(super) seed: u64,
+        pub(super) start: toml::Value,
+        pub(super) end: toml::Value,
+        #[serde(default = "real_time")]
+        pub(super) time_scale: f64,
+        #[serde(default)]
+        pub(super) shifts: Vec<ShiftSection>,
+        #[serde(default)]
+        pub(super) faults: Vec<FaultSection>,
+        #[serde(default)]
+        pub(super) facilities: Vec<FacilitySection>,
+    }
+
+    fn real_time() -> f64 {
+        1.0
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct ShiftSection {
+        pub(super) lines: Vec<String>,
+        pub(super) production_start: String,
+        pub(super) production_end: String,
+        pub(super) treatment_lead_mins: u32,
+        pub(super) treatment_lag_mins: u32,
+    }
+
+    #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum FaultKind {
+        FacilityOff,
+        MeterSilent,
+        ModbusException,
+    }
+
+    impl FaultKind {
+        pub(super) fn as_str(self) -> &'static str {
+            match self {
+                FaultKind::FacilityOff => "facility_off",
+                FaultKind::MeterSilent => "meter_silent",
+                FaultKind::ModbusException => "modbus_exception",
+            }
+        }
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct FaultSection {
+        pub(super) kind: FaultKind,
+        pub(super) facilities: Option<Vec<String>>,
+        pub(super) meters: Option<Vec<String>>,
+        pub(super) code: Option<u8>,
+        pub(super) from: toml::Value,
+        pub(super) until: toml::Value,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct FacilitySection {
+        pub(super) id: String,
+        pub(super) running_fraction: Option<f64>,
+        pub(super) idle_kw: Option<f64>,
+        pub(super) noise_pct: Option<f64>,
+        pub(super) power_factor: Option<f64>,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const DEPLOY_SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
+    pub(crate) const DEPLOY_SCENARIO: &str =
+        include_str!("../../deploy/stenter-plant.scenario.toml");
+
+    pub(crate) fn deploy_site() -> Site {
+        Site::from_toml(DEPLOY_SITE, "stenter-plant.site.toml").unwrap()
+    }
+
+    pub(crate) fn deploy_scenario() -> Scenario {
+        Scenario::from_toml(
+            DEPLOY_SCENARIO,
+            "stenter-plant.scenario.toml",
+            deploy_site(),
+        )
+        .unwrap()
+    }
+
+    /// Unix ms of a local time on the demo day (Asia/Shanghai, +08:00).
+    pub(crate) fn demo_ms(hh_mm_ss: &str) -> i64 {
+        DateTime::parse_from_rfc3339(&format!("2022-12-13T{hh_mm_ss}+08:00"))
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    fn error_of(text: &str) -> String {
+        Scenario::from_toml(text, "s.toml", deploy_site())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn deploy_scenario_is_valid() {
+        let scenario = deploy_scenario();
+        assert_eq!(scenario.seed, 20221213);
+        assert_eq!(scenario.start_ms, demo_ms("00:00:00"));
+        assert_eq!(scenario.end_ms, demo_ms("00:00:00") + 86_400_000);
+        assert_eq!(scenario.time_scale, 1440.0);
+        assert_eq!(scenario.shifts.len(), 2);
+        let first = &scenario.shifts[0];
+        assert_eq!(
+            first.production_start,
+            NaiveTime::from_hms_opt(7, 0, 0).unwrap()
+        );
+        assert_eq!(
+            first.production_end,
+            NaiveTime::from_hms_opt(11, 30, 0).unwrap()
+        );
+        assert_eq!(first.treatment_lead, Duration::from_secs(600));
+        assert_eq!(first.treatment_lag, Duration::from_secs(1200));
+        assert_eq!(scenario.faults.len(), 3);
+        assert_eq!(
+            scenario.faults[0].window,
+            Window {
+                from_ms: demo_ms("14:03:00"),
+                until_ms: demo_ms("14:30:00")
+            }
+        );
+        assert_eq!(
+            scenario.faults[2].effect,
+            FaultEffect::ModbusException {
+                meters: vec!["l2-spray-pump".into()],
+                code: 4
+            }
+        );
+    }
+
+    #[test]
+    fn meter_faults_apply_only_inside_their_window() {
+        let scenario = deploy_scenario();
+        assert_eq!(
+            scenario.meter_fault("l2-main-fan", demo_ms("15:59:59")),
+            None
+        );
+        assert_eq!(
+            scenario.meter_fault("l2-main-fan", demo_ms("16:00:00")),
+            Some(MeterFault::Silent)
+        );
+        assert_eq!(
+            scenario.meter_fault("l2-main-fan", demo_ms("16:20:00")),
+            None
+        );
+        assert_eq!(
+            scenario.meter_fault("l1-main-fan", demo_ms("16:10:00")),
+            None
+        );
+        assert_eq!(
+            scenario.meter_fault("l2-spray-pump", demo_ms("18:04:59")),
+            Some(MeterFault::Exception(4))
+        );
+        // facility_off changes the power drawn, not how the meter answers.
+        assert_eq!(
+            scenario.meter_fault("l1-condenser", demo_ms("14:10:00")),
+            None
+        );
+    }
+
+    #[test]
+    fn unknown_facility_in_a_fault_is_named_with_its_key() {
+        let text = DEPLOY_SCENARIO.replace("\"l1-hv-esp\"]", "\"l1-hv-epp\"]");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: faults[0].facilities: facility `l1-hv-epp` is not defined in site file `stenter-plant.site.toml`"
+        );
+    }
+
+    #[test]
+    fn unknown_meter_and_line_are_named_with_their_keys() {
+        let text = DEPLOY_SCENARIO.replace("meters = [\"l2-main-fan\"]", "meters = [\"l9\"]");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: faults[1].meters: meter `l9` is not defined in site file `stenter-plant.site.toml`"
+        );
+        let text = DEPLOY_SCENARIO.replacen("[\"line1\", \"line2\"]", "[\"line1\", \"line3\"]", 1);
+        assert_eq!(
+            error_of(&text),
+            "s.toml: shifts[0].lines: line `line3` is not defined in site file `stenter-plant.site.toml`"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let text = DEPLOY_SCENARIO.replace("seed = ", "speed = 3\nseed = ");
+        let err = error_of(&text);
+        assert!(
+            err.starts_with("s.toml: ") && err.contains("unknown field `speed`"),
+            "{err}"
+        );
+        let text = DEPLOY_SCENARIO.replace("code = 4", "code = 4\nrepeat = true");
+        assert!(error_of(&text).contains("unknown field `repeat`"));
+    }
+
+    #[test]
+    fn fault_fields_must_fit_the_kind() {
+        let text = DEPLOY_SCENARIO.replace("code = 4", "");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: faults[2].code: is required for kind = \"modbus_exception\" (e.g. 4, server device failure)"
+        );
+        let text = DEPLOY_SCENARIO.replace(
+            "meters = [\"l2-main-fan\"]",
+            "meters = [\"l2-main-fan\"]\ncode = 2",
+        );
+        assert_eq!(
+            error_of(&text),
+            "s.toml: faults[1].code: does not apply to kind = \"meter_silent\""
+        );
+        let text = DEPLOY_SCENARIO.replace("kind = \"meter_silent\"", "kind = \"meter_lost\"");
+        let err = error_of(&text);
+        assert!(err.contains("unknown variant `meter_lost`"), "{err}");
+        let text = DEPLOY_SCENARIO.replace("code = 4 ", "code = 0 ");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: faults[2].code: 0 is not a Modbus exception code (1..=255)"
+        );
+    }
+
+    #[test]
+    fn bad_times_are_named() {
+        let text = DEPLOY_SCENARIO.replace("\"07:00\"", "\"7am\"");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: shifts[0].production_start: `7am` is not a time of day HH:MM (e.g. 07:00)"
+        );
+        let text = DEPLOY_SCENARIO.replace("\"11:30\"", "\"07:00\"");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: shifts[0].production_end: equals production_start; a shift needs a length"
+        );
+        let text =
+            DEPLOY_SCENARIO.replace("2022-12-14T00:00:00+08:00", "2022-12-12T00:00:00+08:00");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: end: must be after start (2022-12-13T00:00:00+08:00)"
+        );
+        let text =
+            DEPLOY_SCENARIO.replace("\"2022-12-13T14:30:00+08:00\"", "\"2022-12-13T14:30:00\"");
+        let err = error_of(&text);
+        assert!(
+            err.starts_with("s.toml: faults[0].until: `2022-12-13T14:30:00` is not an RFC 3339"),
+            "{err}"
+        );
+        let text =
+            DEPLOY_SCENARIO.replace("2022-12-13T18:05:00+08:00", "2022-12-13T17:05:00+08:00");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: faults[2].until: must be after from"
+        );
+        let text = DEPLOY_SCENARIO.replace("time_scale = 1440", "time_scale = 0");
+        assert_eq!(
+            error_of(&text),
+            "s.toml: time_scale: 0 must be a positive number"
+        );
+    }
+
+    #[test]
+    fn unquoted_toml_datetimes_are_accepted() {
+        let text = DEPLOY_SCENARIO.replace(
+            "start = \"2022-12-13T00:00:00+08:00\"",
+            "start = 2022-12-13T00:00:00+08:00",
+        );
+        let scenario = Scenario::from_toml(&text, "s.toml", deploy_site()).unwrap();
+        assert_eq!(scenario.start_ms, demo_ms("00:00:00"));
+    }
+
+    #[test]
+    fn facility_overrides_are_checked() {
+        let with = |section: &str| format!("{DEPLOY_SCENARIO}\n[[facilities]]\n{section}\n");
+        let scenario = Scenario::from_toml(
+            &with("id = \"l1-main-fan\"\nrunning_fraction = 0.3\nnoise_pct = 2"),
+            "s.toml",
+            deploy_site(),
+        )
+        .unwrap();
+        assert_eq!(
+            scenario.facility_overrides,
+            vec![FacilityOverride {
+                facility: "l1-main-fan".into(),
+                running_fraction: Some(0.3),
+                idle_kw: None,
+                noise_pct: Some(2.0),
+                power_factor: None,
+            }]
+        );
+        assert_eq!(
+            error_of(&with("id = \"fan\"")),
+            "s.toml: facilities[0].id: facility `fan` is not defined in site file `stenter-plant.site.toml`"
+        );
+        assert_eq!(
+            error_of(&with("id = \"l1-main-fan\"\npower_factor = 1.2")),
+            "s.toml: facilities[0].power_factor: 1.2 is outside (0, 1]"
+        );
+        assert_eq!(
+            error_of(&with("id = \"l1-main-fan\"\nidle_kw = -1")),
+            "s.toml: facilities[0].idle_kw: -1 is outside [0, 1000000]"
+        );
+    }
+
+    #[test]
+    fn meters_sharing_endpoint_and_unit_are_refused() {
+        let site_text = DEPLOY_SITE.replacen("unit = 2", "unit = 1", 1);
+        let site = Site::from_toml(&site_text, "site.toml").unwrap();
+        let err = Scenario::from_toml(DEPLOY_SCENARIO, "s.toml", site)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "s.toml: site_file: meters `l1-stenter` and `l1-spray-pump` in `stenter-plant.site.toml` share endpoint 127.0.0.1:15021 and unit 1"
+        );
+    }
+
+    #[test]
+    fn load_reads_the_site_file_next_to_the_scenario() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stenter-plant.site.toml"), DEPLOY_SITE).unwrap();
+        let path = dir.path().join("plant.scenario.toml");
+        std::fs::write(&path, DEPLOY_SCENARIO).unwrap();
+        let scenario = Scenario::load(&path).unwrap();
+        assert_eq!(scenario.site.id, "tx-dyeing");
+
+        std::fs::write(
+            &path,
+            DEPLOY_SCENARIO.replace("stenter-plant.site.toml", "nope.toml"),
+        )
+        .unwrap();
+        let err = Scenario::load(&path).unwrap_err();
+        assert_eq!(err.file, path.display().to_string());
+        assert_eq!(err.key.as_deref(), Some("site_file"));
+        assert!(err.problem.contains("nope.toml: cannot read"), "{err}");
+    }
+}
