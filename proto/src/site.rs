@@ -357,6 +357,18 @@ impl Site {
                     format!("unit id {} is outside 1..=247", m.unit),
                 ));
             }
+            if let Some(other) = meters
+                .iter()
+                .find(|o: &&Meter| o.tcp == tcp && o.unit == m.unit)
+            {
+                return Err(err(
+                    key("unit"),
+                    format!(
+                        "unit {} at {tcp} is already meter `{}`; one bus cannot tell them apart",
+                        m.unit, other.id
+                    ),
+                ));
+            }
             for (name, value) in [("ct_ratio", m.ct_ratio), ("pt_ratio", m.pt_ratio)] {
                 if !(value.is_finite() && value > 0.0) {
                     return Err(err(key(name), format!("{value} must be a positive number")));
@@ -776,6 +788,15 @@ stop_threshold_kw = 2
         assert!(
             err.contains("lines[0].facilities[1].stop_threshold_kw"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn two_meters_at_one_endpoint_and_unit_are_refused() {
+        let err = error_of(&EXAMPLE.replace("unit = 2", "unit = 1"));
+        assert_eq!(
+            err,
+            "site.toml: meters[1].unit: unit 1 at 127.0.0.1:5020 is already meter `m-stenter`; one bus cannot tell them apart"
         );
     }
 
