@@ -1,1 +1,107 @@
-//! placeholder
+//! facwatch ingest: receives batches from the gateways over MQTT, applies
+//! each exactly once, detects abnormal intervals in data time, stores the
+//! events and emits them.
+//!
+//! Stages, one module each: `receive` (MQTT in, dedup, apply),
+//! [`detect`] (pure detector), [`store`] (redb), `emit` (log + MQTT out).
+//! [`broker`] runs the embedded MQTT broker; [`config`] reads `ingest.toml`.
+//!
+//! The delivery invariant (DESIGN.md "Delivery"): a batch's `last_seq`,
+//! detector state and events commit in one store transaction, and its ack is
+//! published only after that commit.
+
+pub mod broker;
+pub mod config;
+pub mod detect;
+mod emit;
+mod receive;
+mod stats;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::AsyncClient;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use config::{BrokerMode, MqttSettings, Settings};
+pub use stats::{Stats, StatsSnapshot};
+pub use store::{Store, StoreError};
+
+use crate::detect::SnapshotError;
+use crate::emit::Publisher;
+use crate::receive::apply::Applier;
+
+/// How long `run` waits, after the last batch, for the MQTT client to send
+/// what it has queued and disconnect.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gateway `{gateway}`: stored {source}")]
+    Snapshot {
+        gateway: String,
+        source: SnapshotError,
+    },
+    #[error("MQTT connection task failed: {0}")]
+    Connection(tokio::task::JoinError),
+}
+
+/// Runs the ingest until `shutdown`: connects to the broker at
+/// `settings.mqtt` (an embedded broker is started by the caller), receives
+/// and applies batches. Then stops in order: stop receiving, finish the
+/// batch being applied, close the store (the file can be opened again when
+/// this returns), disconnect.
+pub async fn run(
+    settings: Settings,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let store = Arc::new(Store::open(&settings.store_path)?);
+    let (client, eventloop) = AsyncClient::new(
+        receive::mqtt_options(&settings.mqtt),
+        receive::REQUEST_QUEUE,
+    );
+    let publisher = Publisher::new(client.clone(), stats.clone());
+    let applier = Applier::new(&settings.sites, store, publisher, stats.clone())?;
+    info!(
+        sites = settings.sites.len(),
+        store = %settings.store_path.display(),
+        host = %settings.mqtt.host,
+        port = settings.mqtt.port,
+        "Ingest starting."
+    );
+
+    let (batch_tx, batch_rx) = mpsc::channel(receive::BATCH_QUEUE);
+    let mut connection = tokio::spawn(receive::connection::run(
+        eventloop,
+        client.clone(),
+        batch_tx,
+        stats,
+        shutdown.clone(),
+    ));
+
+    // Returns after `shutdown`, with the batch in progress finished. The
+    // applier holds the only other reference to the store, so the database
+    // is closed when it returns.
+    applier.run(batch_rx, shutdown.clone()).await;
+
+    // The connection task is still polling: let it send the last ack and a
+    // DISCONNECT, within a bound.
+    let _ = tokio::time::timeout(DISCONNECT_WAIT, client.disconnect()).await;
+    match tokio::time::timeout(DISCONNECT_WAIT, &mut connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if e.is_panic() => return Err(IngestError::Connection(e)),
+        Ok(Err(_)) => {}
+        Err(_) => {
+            warn!("MQTT client did not disconnect in time; closing it.");
+            connection.abort();
+        }
+    }
+    info!("Ingest stopped.");
+    Ok(())
+}

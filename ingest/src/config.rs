@@ -1,0 +1,509 @@
+//! The ingest's configuration file (`ingest.toml`, default in
+//! `ingest.default.toml`), in two stages: `raw` serde structs that refuse
+//! unknown keys, then [`Settings`].
+//!
+//! Invariants of a [`Settings`]:
+//! - at least one site; site ids are unique and every gateway id belongs to
+//!   exactly one site, so a batch topic names at most one site;
+//! - the MQTT client id is a valid id ([`validate_id`]);
+//! - `mqtt.host`/`mqtt.port` are where the ingest connects: the broker's own
+//!   address in external mode, the `listen` address in embedded mode (the
+//!   caller that starts the embedded broker replaces the port when `listen`
+//!   asks for port 0).
+//!
+//! Every error is a [`ConfigError`] naming the file, the key and the problem;
+//! paths in the file are relative to the file.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use facwatch_proto::site::{read_toml, validate_id, ConfigError, Site};
+
+/// The commented default configuration, as shipped.
+pub const DEFAULT_CONFIG: &str = include_str!("../ingest.default.toml");
+
+/// Suffix of the site files read from `sites_dir`.
+pub const SITE_FILE_SUFFIX: &str = ".site.toml";
+
+const DEFAULT_CLIENT_ID: &str = "facwatch-ingest";
+const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
+
+/// Validated ingest settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub sites: Vec<Site>,
+    pub store_path: PathBuf,
+    pub broker: BrokerMode,
+    pub mqtt: MqttSettings,
+}
+
+/// Where the MQTT broker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerMode {
+    /// The caller starts the embedded broker on `listen` before `run`.
+    Embedded { listen: SocketAddr },
+    /// A broker run elsewhere, at `mqtt.host`/`mqtt.port`.
+    External,
+}
+
+/// How the ingest connects to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+}
+
+impl Settings {
+    /// Settings without a file (tests, demo): the broker is external to the
+    /// ingest (the caller runs it, e.g. the embedded one on port 0).
+    pub fn new(
+        sites: Vec<Site>,
+        store_path: impl Into<PathBuf>,
+        mqtt: MqttSettings,
+    ) -> Result<Settings, ConfigError> {
+        const FILE: &str = "<settings>";
+        validate_id(&mqtt.client_id).map_err(|p| ConfigError::new(FILE, "mqtt.client_id", p))?;
+        let named: Vec<(String, Site)> = sites
+            .into_iter()
+            .map(|site| (format!("site `{}`", site.id), site))
+            .collect();
+        check_unique_ids(&named, FILE)?;
+        Ok(Settings {
+            sites: named.into_iter().map(|(_, site)| site).collect(),
+            store_path: store_path.into(),
+            broker: BrokerMode::External,
+            mqtt,
+        })
+    }
+
+    /// Loads `ingest.toml` and every site file in its `sites_dir`.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let (raw, file) = read_toml::<raw::Config>(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Settings::validate(raw, &file, base)
+    }
+
+    fn validate(raw: raw::Config, file: &str, base: &Path) -> Result<Settings, ConfigError> {
+        let sites_dir = base.join(&raw.sites_dir);
+        let sites = load_sites(&sites_dir, file)?;
+        check_unique_ids(&sites, file)?;
+
+        if raw.store_path.as_os_str().is_empty() {
+            return Err(ConfigError::new(file, "store_path", "must not be empty"));
+        }
+        let store_path = base.join(&raw.store_path);
+
+        let client_id = raw
+            .mqtt
+            .client_id
+            .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string());
+        validate_id(&client_id).map_err(|p| ConfigError::new(file, "mqtt.client_id", p))?;
+
+        let (broker, host, port) = broker_of(&raw.broker, file)?;
+        Ok(Settings {
+            sites: sites.into_iter().map(|(_, site)| site).collect(),
+            store_path,
+            broker,
+            mqtt: MqttSettings {
+                host,
+                port,
+                client_id,
+            },
+        })
+    }
+
+    /// The site that has gateway `gateway`, if any.
+    pub fn site_of_gateway(&self, gateway: &str) -> Option<&Site> {
+        self.sites.iter().find(|s| s.gateway(gateway).is_some())
+    }
+}
+
+fn broker_of(raw: &raw::Broker, file: &str) -> Result<(BrokerMode, String, u16), ConfigError> {
+    let unused = |key: &str, mode: &str| {
+        ConfigError::new(
+            file,
+            format!("broker.{key}"),
+            format!("is not used with mode = \"{mode}\"; remove it"),
+        )
+    };
+    match raw.mode {
+        raw::Mode::Embedded => {
+            if raw.host.is_some() {
+                return Err(unused("host", "embedded"));
+            }
+            if raw.port.is_some() {
+                return Err(unused("port", "embedded"));
+            }
+            let text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+            let listen: SocketAddr = text.parse().map_err(|_| {
+                ConfigError::new(
+                    file,
+                    "broker.listen",
+                    format!("`{text}` is not an IP:PORT socket address (e.g. 127.0.0.1:1883)"),
+                )
+            })?;
+            Ok((
+                BrokerMode::Embedded { listen },
+                connect_host(listen.ip()).to_string(),
+                listen.port(),
+            ))
+        }
+        raw::Mode::External => {
+            if raw.listen.is_some() {
+                return Err(unused("listen", "external"));
+            }
+            let host = raw.host.clone().ok_or_else(|| {
+                ConfigError::new(file, "broker.host", "is required with mode = \"external\"")
+            })?;
+            if host.trim().is_empty() {
+                return Err(ConfigError::new(file, "broker.host", "must not be empty"));
+            }
+            let port = raw.port.unwrap_or(1883);
+            if port == 0 {
+                return Err(ConfigError::new(file, "broker.port", "must not be 0"));
+            }
+            Ok((BrokerMode::External, host, port))
+        }
+    }
+}
+
+/// The address a local client uses to reach a listener bound to `ip`.
+pub(crate) fn connect_host(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        other => other,
+    }
+}
+
+/// Loads every `*.site.toml` in `dir`, sorted by file name, each paired with
+/// its file name for error messages.
+fn load_sites(dir: &Path, file: &str) -> Result<Vec<(String, Site)>, ConfigError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ConfigError::new(
+            file,
+            "sites_dir",
+            format!("cannot read directory {}: {e}", dir.display()),
+        )
+    })?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| {
+            ConfigError::new(
+                file,
+                "sites_dir",
+                format!("cannot list directory {}: {e}", dir.display()),
+            )
+        })?;
+        let path = entry.path();
+        let is_site_file = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.ends_with(SITE_FILE_SUFFIX));
+        if is_site_file && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    if paths.is_empty() {
+        return Err(ConfigError::new(
+            file,
+            "sites_dir",
+            format!("no *{SITE_FILE_SUFFIX} files in {}", dir.display()),
+        ));
+    }
+    paths
+        .iter()
+        .map(|path| Ok((path.display().to_string(), Site::load(path)?)))
+        .collect()
+}
+
+/// Site ids unique, and every gateway id in one site only. `sites` pairs
+/// each site with the name of its file (or a description of it).
+fn check_unique_ids(sites: &[(String, Site)], file: &str) -> Result<(), ConfigError> {
+    if sites.is_empty() {
+        return Err(ConfigError::new(
+            file,
+            "sites",
+            "at least one site is required",
+        ));
+    }
+    let mut site_ids: HashMap<&str, &str> = HashMap::new();
+    let mut gateway_ids: HashMap<&str, &str> = HashMap::new();
+    for (name, site) in sites {
+        if let Some(first) = site_ids.insert(&site.id, name) {
+            return Err(ConfigError::new(
+                name,
+                "site.id",
+                format!("site id `{}` is already used by {first}", site.id),
+            ));
+        }
+        for (i, gateway) in site.gateways.iter().enumerate() {
+            if let Some(first) = gateway_ids.insert(&gateway.id, name) {
+                return Err(ConfigError::new(
+                    name,
+                    format!("gateways[{i}].id"),
+                    format!("gateway id `{}` is already used by {first}", gateway.id),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The file as written.
+mod raw {
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Config {
+        pub(super) sites_dir: PathBuf,
+        pub(super) store_path: PathBuf,
+        #[serde(default)]
+        pub(super) broker: Broker,
+        #[serde(default)]
+        pub(super) mqtt: Mqtt,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum Mode {
+        #[default]
+        Embedded,
+        External,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Broker {
+        #[serde(default)]
+        pub(super) mode: Mode,
+        pub(super) listen: Option<String>,
+        pub(super) host: Option<String>,
+        pub(super) port: Option<u16>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Mqtt {
+        pub(super) client_id: Option<String>,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
+
+    /// A config directory with `ingest.toml` and the given site files.
+    fn config_dir(config: &str, sites: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ingest.toml"), config).unwrap();
+        std::fs::create_dir(dir.path().join("sites")).unwrap();
+        for (name, text) in sites {
+            std::fs::write(dir.path().join("sites").join(name), text).unwrap();
+        }
+        dir
+    }
+
+    fn load(dir: &tempfile::TempDir) -> Result<Settings, ConfigError> {
+        Settings::load(&dir.path().join("ingest.toml"))
+    }
+
+    #[test]
+    fn default_config_loads_with_the_deploy_site() {
+        let dir = config_dir(DEFAULT_CONFIG, &[("plant.site.toml", SITE)]);
+        let settings = load(&dir).unwrap();
+        assert_eq!(settings.sites.len(), 1);
+        assert_eq!(settings.sites[0].id, "tx-dyeing");
+        assert_eq!(settings.store_path, dir.path().join("ingest.redb"));
+        assert_eq!(
+            settings.broker,
+            BrokerMode::Embedded {
+                listen: "127.0.0.1:1883".parse().unwrap()
+            }
+        );
+        assert_eq!(
+            settings.mqtt,
+            MqttSettings {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                client_id: "facwatch-ingest".into()
+            }
+        );
+        assert_eq!(settings.site_of_gateway("gw-01").unwrap().id, "tx-dyeing");
+        assert!(settings.site_of_gateway("gw-99").is_none());
+    }
+
+    #[test]
+    fn external_broker_mode_reads_host_and_port() {
+        let config = r#"
+sites_dir = "sites"
+store_path = "state/ingest.redb"
+[broker]
+mode = "external"
+host = "mqtt.example"
+port = 8883
+[mqtt]
+client_id = "ingest-2"
+"#;
+        let dir = config_dir(config, &[("plant.site.toml", SITE)]);
+        let settings = load(&dir).unwrap();
+        assert_eq!(settings.broker, BrokerMode::External);
+        assert_eq!(
+            settings.mqtt,
+            MqttSettings {
+                host: "mqtt.example".into(),
+                port: 8883,
+                client_id: "ingest-2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_file_and_key() {
+        let config = DEFAULT_CONFIG.replace("[mqtt]", "[mqtt]\nqos = 2");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(err.contains("ingest.toml: "), "{err}");
+        assert!(err.contains("unknown field `qos`"), "{err}");
+    }
+
+    #[test]
+    fn missing_sites_dir_key_is_an_error() {
+        let config = DEFAULT_CONFIG.replace("sites_dir = \"sites\"", "");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(err.contains("missing field `sites_dir`"), "{err}");
+    }
+
+    #[test]
+    fn sites_dir_that_does_not_exist_is_named() {
+        let config = DEFAULT_CONFIG.replace("sites_dir = \"sites\"", "sites_dir = \"nope\"");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("sites_dir"));
+        assert!(err.problem.starts_with("cannot read directory"), "{err}");
+        assert!(err.file.ends_with("ingest.toml"), "{err}");
+    }
+
+    #[test]
+    fn sites_dir_without_site_files_is_an_error() {
+        let dir = config_dir(DEFAULT_CONFIG, &[("notes.txt", "hello")]);
+        let err = load(&dir).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("sites_dir"));
+        assert!(err.problem.starts_with("no *.site.toml files in"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_site_id_names_both_files() {
+        let dir = config_dir(
+            DEFAULT_CONFIG,
+            &[
+                ("a.site.toml", SITE),
+                ("b.site.toml", &SITE.replace("\"gw-01\"", "\"gw-02\"")),
+            ],
+        );
+        let err = load(&dir).unwrap_err();
+        assert!(err.file.ends_with("b.site.toml"), "{err}");
+        assert_eq!(err.key.as_deref(), Some("site.id"));
+        assert!(
+            err.problem
+                .starts_with("site id `tx-dyeing` is already used by ")
+                && err.problem.ends_with("a.site.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gateway_shared_by_two_sites_names_both_files() {
+        let other = SITE.replace("id = \"tx-dyeing\"", "id = \"other-plant\"");
+        let dir = config_dir(
+            DEFAULT_CONFIG,
+            &[("a.site.toml", SITE), ("b.site.toml", &other)],
+        );
+        let err = load(&dir).unwrap_err();
+        assert!(err.file.ends_with("b.site.toml"), "{err}");
+        assert_eq!(err.key.as_deref(), Some("gateways[0].id"));
+        assert!(
+            err.problem
+                .starts_with("gateway id `gw-01` is already used by ")
+                && err.problem.ends_with("a.site.toml"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn invalid_site_file_error_names_the_site_file() {
+        let broken = SITE.replace("unit = 5", "unit = 5\nbaud = 9600");
+        let dir = config_dir(DEFAULT_CONFIG, &[("plant.site.toml", &broken)]);
+        let err = load(&dir).unwrap_err();
+        assert!(err.file.ends_with("plant.site.toml"), "{err}");
+        assert!(err.problem.contains("unknown field `baud`"), "{err}");
+    }
+
+    #[test]
+    fn broker_keys_of_the_other_mode_are_refused() {
+        let config = DEFAULT_CONFIG.replace("# host = \"127.0.0.1\"", "host = \"127.0.0.1\"");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(
+            err.ends_with(
+                "ingest.toml: broker.host: is not used with mode = \"embedded\"; remove it"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn external_mode_requires_a_host() {
+        let config = DEFAULT_CONFIG
+            .replace("mode = \"embedded\"", "mode = \"external\"")
+            .replace("listen = \"127.0.0.1:1883\"", "");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("broker.host"));
+        assert_eq!(err.problem, "is required with mode = \"external\"");
+    }
+
+    #[test]
+    fn bad_listen_address_and_client_id_are_named() {
+        let config = DEFAULT_CONFIG.replace("127.0.0.1:1883", "localhost");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        assert_eq!(
+            load(&dir).unwrap_err().key.as_deref(),
+            Some("broker.listen")
+        );
+
+        let config = DEFAULT_CONFIG.replace("\"facwatch-ingest\"", "\"a/b\"");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        assert_eq!(
+            load(&dir).unwrap_err().key.as_deref(),
+            Some("mqtt.client_id")
+        );
+    }
+
+    #[test]
+    fn settings_new_refuses_duplicate_sites() {
+        let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
+        let mqtt = MqttSettings {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "ingest".into(),
+        };
+        let err =
+            Settings::new(vec![site.clone(), site.clone()], "x.redb", mqtt.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "site `tx-dyeing`: site.id: site id `tx-dyeing` is already used by site `tx-dyeing`"
+        );
+        let settings = Settings::new(vec![site], "x.redb", mqtt).unwrap();
+        assert_eq!(settings.broker, BrokerMode::External);
+    }
+}

@@ -1,0 +1,96 @@
+//! What the ingest sends out after a batch is committed: the ack (queued by
+//! `receive`) and, for every event whose stored version changed, one log line
+//! and one MQTT message (the event's JSON, QoS 1, not retained) on
+//! `facwatch/v1/events/{site}`.
+//!
+//! Everything here happens after the store commit, so it is best effort by
+//! design: the store is the record. [`Publisher`] waits at most
+//! [`PUBLISH_WAIT`] for room in the MQTT client's request queue, then drops
+//! the message and counts it (`Stats::publishes_dropped`). That bound keeps
+//! the apply task from waiting forever on a queue that only the connection
+//! task drains, while the connection task may itself wait on the apply task.
+//! A dropped ack costs a resend by the gateway; a dropped event message is
+//! still in the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use facwatch_proto::site::Site;
+use facwatch_proto::topics;
+use rumqttc::{AsyncClient, QoS};
+use tracing::{info, warn};
+
+use crate::detect::Event;
+use crate::stats::Stats;
+use crate::store::EventChange;
+
+/// Longest wait for room in the MQTT client's request queue.
+pub(crate) const PUBLISH_WAIT: Duration = Duration::from_secs(5);
+
+/// Queues publishes on the shared MQTT client with a bounded wait.
+#[derive(Clone)]
+pub(crate) struct Publisher {
+    client: AsyncClient,
+    stats: Arc<Stats>,
+}
+
+impl Publisher {
+    pub(crate) fn new(client: AsyncClient, stats: Arc<Stats>) -> Publisher {
+        Publisher { client, stats }
+    }
+
+    /// Queues one QoS 1 publish. Returns whether it was queued (queued is
+    /// not delivered: rumqttc may still lose it on a reconnect).
+    pub(crate) async fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
+        let queued = tokio::time::timeout(
+            PUBLISH_WAIT,
+            self.client
+                .publish(topic.as_str(), QoS::AtLeastOnce, retain, payload),
+        )
+        .await;
+        match queued {
+            Ok(Ok(())) => true,
+            Ok(Err(error)) => {
+                warn!(topic, error = %error, "MQTT client is gone; message dropped.");
+                self.stats.add(|s| &s.publishes_dropped, 1);
+                false
+            }
+            Err(_) => {
+                warn!(
+                    topic,
+                    waited_ms = PUBLISH_WAIT.as_millis() as u64,
+                    "MQTT client stayed busy; message dropped."
+                );
+                self.stats.add(|s| &s.publishes_dropped, 1);
+                false
+            }
+        }
+    }
+}
+
+/// Logs and publishes one changed event of `site`.
+pub(crate) async fn emit(publisher: &Publisher, site: &Site, change: &EventChange) {
+    let event: &Event = &change.event;
+    info!(
+        site = %event.site,
+        gateway = %event.gateway,
+        line = %event.line,
+        rule = ?event.rule,
+        status = ?event.status,
+        facilities = ?event.facilities,
+        historical = event.historical,
+        "{}",
+        event.notice_en
+    );
+    let json = event.to_json(site.time_zone);
+    let payload = match serde_json::to_vec(&json) {
+        Ok(payload) => payload,
+        Err(error) => {
+            warn!(site = %site.id, event = %event.id, error = %error, "Event did not serialize.");
+            return;
+        }
+    };
+    publisher
+        .publish(topics::events(&site.id), false, payload)
+        .await;
+}

@@ -1,0 +1,145 @@
+//! `facwatch-ingest`: parses flags, loads the configuration, starts the
+//! embedded broker when configured, and runs the ingest until SIGINT or
+//! SIGTERM. Exit codes: 0 done, 1 runtime failure, 2 configuration error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use facwatch_ingest::broker::start_embedded;
+use facwatch_ingest::config::DEFAULT_CONFIG;
+use facwatch_ingest::{BrokerMode, Settings, Stats};
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "facwatch-ingest",
+    version,
+    about = "Receives gateway batches over MQTT, applies each exactly once, detects abnormal intervals, stores and emits events."
+)]
+struct Cli {
+    /// Configuration file (see `print-default-config`).
+    #[arg(long, value_name = "PATH", global = true)]
+    config: Option<PathBuf>,
+    /// Log format; levels come from RUST_LOG (default info).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration and every site file, then exit.
+    CheckConfig,
+    /// Print the commented default configuration.
+    PrintDefaultConfig,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::PrintDefaultConfig) = cli.command {
+        print!("{DEFAULT_CONFIG}");
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.log_format);
+
+    let Some(config_path) = cli.config else {
+        eprintln!("facwatch-ingest: --config PATH is required");
+        return ExitCode::from(2);
+    };
+    let settings = match Settings::load(&config_path) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::CheckConfig) = cli.command {
+        let gateways: usize = settings.sites.iter().map(|s| s.gateways.len()).sum();
+        println!(
+            "{}: OK ({} sites, {gateways} gateways)",
+            config_path.display(),
+            settings.sites.len()
+        );
+        return ExitCode::SUCCESS;
+    }
+
+    match run(settings, &config_path) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "Ingest failed.");
+            eprintln!("facwatch-ingest: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(mut settings: Settings, config_path: &Path) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tracing::info!(config = %config_path.display(), "Configuration loaded.");
+    if let BrokerMode::Embedded { listen } = settings.broker {
+        // Blocks until the broker accepts connections (a few seconds at most).
+        let broker = start_embedded(listen)?;
+        settings.mqtt.port = broker.addr.port();
+    }
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        facwatch_ingest::run(settings, Arc::new(Stats::default()), shutdown).await?;
+        Ok(())
+    })
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "Cannot listen for SIGTERM; only SIGINT stops the ingest.");
+            let _ = tokio::signal::ctrl_c().await;
+            shutdown.cancel();
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; stopping."),
+        _ = terminate.recv() => tracing::info!("SIGTERM received; stopping."),
+    }
+    shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+}

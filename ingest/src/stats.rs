@@ -1,0 +1,129 @@
+//! Process-lifetime counters of the ingest, shared with whoever started it
+//! (the binary, the demo, tests).
+//!
+//! Counters only grow. They are plain atomics so readers never block the
+//! apply path; every increment made by the ingest also wakes
+//! [`Stats::wait_until`], so tests and the demo wait on the counters
+//! themselves instead of sleeping. Persistent per-gateway counters live in
+//! the store ([`crate::store::Store::counters`]); these reset with the
+//! process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches applied (new `seq`, committed).
+    pub batches_applied: AtomicU64,
+    /// Samples in applied batches.
+    pub samples_applied: AtomicU64,
+    /// Batches with `seq <= last_seq`: ignored and re-acked.
+    pub batches_duplicate: AtomicU64,
+    /// Applied batches whose `seq` skipped at least one number.
+    pub sequence_gaps: AtomicU64,
+    /// Payloads that did not decode as a batch.
+    pub rejected_decode: AtomicU64,
+    /// Batches on the topic of a gateway no loaded site has.
+    pub rejected_unknown_gateway: AtomicU64,
+    /// Batches whose payload names another gateway than their topic.
+    pub rejected_gateway_mismatch: AtomicU64,
+    /// Batches whose detector run or store commit failed (not acked; the
+    /// gateway resends).
+    pub apply_failures: AtomicU64,
+    /// Events seen for the first time.
+    pub events_opened: AtomicU64,
+    /// Events that reached status closed.
+    pub events_closed: AtomicU64,
+    /// Acks and event messages dropped because the MQTT client stayed busy
+    /// (a dropped ack only delays the gateway until it resends).
+    pub publishes_dropped: AtomicU64,
+    /// Batch subscriptions the broker confirmed (one per connection).
+    pub broker_subscriptions: AtomicU64,
+    /// Failed connection attempts and lost connections to the broker.
+    pub broker_connection_failures: AtomicU64,
+    changed: Notify,
+}
+
+/// The counters of [`Stats`] at one moment, for assertions and reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub batches_applied: u64,
+    pub samples_applied: u64,
+    pub batches_duplicate: u64,
+    pub sequence_gaps: u64,
+    pub rejected_decode: u64,
+    pub rejected_unknown_gateway: u64,
+    pub rejected_gateway_mismatch: u64,
+    pub apply_failures: u64,
+    pub events_opened: u64,
+    pub events_closed: u64,
+    pub publishes_dropped: u64,
+    pub broker_subscriptions: u64,
+    pub broker_connection_failures: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        StatsSnapshot {
+            batches_applied: get(&self.batches_applied),
+            samples_applied: get(&self.samples_applied),
+            batches_duplicate: get(&self.batches_duplicate),
+            sequence_gaps: get(&self.sequence_gaps),
+            rejected_decode: get(&self.rejected_decode),
+            rejected_unknown_gateway: get(&self.rejected_unknown_gateway),
+            rejected_gateway_mismatch: get(&self.rejected_gateway_mismatch),
+            apply_failures: get(&self.apply_failures),
+            events_opened: get(&self.events_opened),
+            events_closed: get(&self.events_closed),
+            publishes_dropped: get(&self.publishes_dropped),
+            broker_subscriptions: get(&self.broker_subscriptions),
+            broker_connection_failures: get(&self.broker_connection_failures),
+        }
+    }
+
+    /// Waits until `condition` holds for the counters (checked now and after
+    /// every change the ingest makes). Bound it with a timeout.
+    pub async fn wait_until(&self, mut condition: impl FnMut(&StatsSnapshot) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            // Register before checking, so a change in between is not missed.
+            changed.as_mut().enable();
+            if condition(&self.snapshot()) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Adds `n` to `counter` (a field of `self`) and wakes waiters.
+    pub(crate) fn add(&self, counter: impl Fn(&Stats) -> &AtomicU64, n: u64) {
+        counter(self).fetch_add(n, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn wait_until_wakes_on_an_increment() {
+        let stats = Arc::new(Stats::default());
+        let waiter = {
+            let stats = stats.clone();
+            tokio::spawn(async move { stats.wait_until(|s| s.batches_applied == 2).await })
+        };
+        stats.add(|s| &s.batches_applied, 1);
+        stats.add(|s| &s.batches_applied, 1);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("waiter woke")
+            .unwrap();
+        assert_eq!(stats.snapshot().batches_applied, 2);
+    }
+}

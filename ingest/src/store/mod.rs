@@ -1,0 +1,333 @@
+//! The ingest's durable state, one redb file.
+//!
+//! Tables:
+//!
+//! | table      | key              | value                                   |
+//! |------------|------------------|-----------------------------------------|
+//! | `meta`     | name             | u64 (`format` = [`STORE_FORMAT`])       |
+//! | `last_seq` | gateway          | u64, the last applied batch             |
+//! | `detector` | gateway          | bytes, `GatewayDetector::snapshot`      |
+//! | `events`   | event id         | bytes, `Event::encode`                  |
+//! | `counters` | (gateway, name)  | u64, see [`GatewayCounters`]            |
+//!
+//! **Invariant: the `last_seq`, the detector state and the events of a batch
+//! commit together, in one write transaction (`Store::commit_batch`).** The
+//! ingest acks a batch only after that commit, so after any crash the store
+//! holds either all of a batch's effects or none, and the gateway resends
+//! exactly the batches whose effects are missing. An event is upserted by id,
+//! so writing the same event twice is a no-op (and is reported as no change).
+//!
+//! redb locks the file: only one `Store` may be open per file at a time
+//! (the ingest's `run` drops its store before returning, so the demo and
+//! tests open the file after it).
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::detect::{Event, EventStatus, SnapshotError};
+
+/// Version of the table layout above; a store of another format is refused.
+pub const STORE_FORMAT: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const LAST_SEQ: TableDefinition<&str, u64> = TableDefinition::new("last_seq");
+const DETECTOR: TableDefinition<&str, &[u8]> = TableDefinition::new("detector");
+const EVENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("events");
+const COUNTERS: TableDefinition<(&str, &str), u64> = TableDefinition::new("counters");
+
+const BATCHES_APPLIED: &str = "batches_applied";
+const SAMPLES_APPLIED: &str = "samples_applied";
+const SEQUENCE_GAPS: &str = "sequence_gaps";
+const BATCHES_MISSING: &str = "batches_missing";
+const SAMPLES_DROPPED_BY_GATEWAY: &str = "samples_dropped_by_gateway";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path}: {source}")]
+    Open {
+        path: String,
+        source: Box<redb::Error>,
+    },
+    #[error("store {path}: format {found} is not the format {STORE_FORMAT} this build reads")]
+    Format { path: String, found: u64 },
+    #[error("store: {0}")]
+    Database(#[source] Box<redb::Error>),
+    #[error("store: event `{id}` does not decode: {source}")]
+    Event { id: String, source: SnapshotError },
+}
+
+fn db(error: impl Into<redb::Error>) -> StoreError {
+    StoreError::Database(Box::new(error.into()))
+}
+
+/// Persistent per-gateway counters (they survive restarts).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayCounters {
+    pub batches_applied: u64,
+    pub samples_applied: u64,
+    /// Applied batches whose `seq` skipped numbers.
+    pub sequence_gaps: u64,
+    /// Sequence numbers skipped over all gaps.
+    pub batches_missing: u64,
+    /// Sum of the batches' `dropped_before` (samples the gateway discarded).
+    pub samples_dropped_by_gateway: u64,
+}
+
+/// What one applied batch changes, written by [`Store::commit_batch`].
+pub(crate) struct AppliedBatch<'a> {
+    pub(crate) gateway: &'a str,
+    pub(crate) seq: u64,
+    pub(crate) samples: u64,
+    pub(crate) dropped_before: u64,
+    /// Sequence numbers skipped between the previous batch and this one.
+    pub(crate) batches_missing: u64,
+    pub(crate) detector_snapshot: &'a [u8],
+    pub(crate) events: &'a [Event],
+}
+
+/// An event whose stored version changed with a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EventChange {
+    pub(crate) event: Event,
+    /// Not stored before this batch.
+    pub(crate) opened: bool,
+    /// Closed by this batch (it was open, or new and already closed).
+    pub(crate) closed: bool,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+impl Store {
+    /// Opens the store at `path`, creating it (and its tables) if needed.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let name = path.display().to_string();
+        let open_error = |source: redb::Error| StoreError::Open {
+            path: name.clone(),
+            source: Box::new(source),
+        };
+        let db = Database::create(path).map_err(|e| open_error(e.into()))?;
+        let tx = db.begin_write().map_err(|e| open_error(e.into()))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| open_error(e.into()))?;
+            let found = meta
+                .get("format")
+                .map_err(|e| open_error(e.into()))?
+                .map(|v| v.value());
+            match found {
+                None => {
+                    meta.insert("format", STORE_FORMAT)
+                        .map_err(|e| open_error(e.into()))?;
+                }
+                Some(STORE_FORMAT) => {}
+                Some(found) => return Err(StoreError::Format { path: name, found }),
+            }
+            tx.open_table(LAST_SEQ).map_err(|e| open_error(e.into()))?;
+            tx.open_table(DETECTOR).map_err(|e| open_error(e.into()))?;
+            tx.open_table(EVENTS).map_err(|e| open_error(e.into()))?;
+            tx.open_table(COUNTERS).map_err(|e| open_error(e.into()))?;
+        }
+        tx.commit().map_err(|e| open_error(e.into()))?;
+        Ok(Store { db })
+    }
+
+    /// Every stored event, by start time (then id).
+    pub fn events(&self) -> Result<Vec<Event>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(EVENTS).map_err(db)?;
+        let mut events = Vec::new();
+        for entry in table.iter().map_err(db)? {
+            let (id, bytes) = entry.map_err(db)?;
+            let event = Event::decode(bytes.value()).map_err(|source| StoreError::Event {
+                id: id.value().to_string(),
+                source,
+            })?;
+            events.push(event);
+        }
+        events.sort_by(|a, b| (a.start_ms, &a.id).cmp(&(b.start_ms, &b.id)));
+        Ok(events)
+    }
+
+    /// The last batch applied for `gateway`, `None` before the first.
+    pub fn last_seq(&self, gateway: &str) -> Result<Option<u64>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(LAST_SEQ).map_err(db)?;
+        let value = table.get(gateway).map_err(db)?.map(|v| v.value());
+        Ok(value)
+    }
+
+    /// Samples applied for `gateway` over the store's lifetime.
+    pub fn samples_applied(&self, gateway: &str) -> Result<u64, StoreError> {
+        Ok(self.counters(gateway)?.samples_applied)
+    }
+
+    pub fn counters(&self, gateway: &str) -> Result<GatewayCounters, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(COUNTERS).map_err(db)?;
+        let get = |name: &str| -> Result<u64, StoreError> {
+            Ok(table
+                .get((gateway, name))
+                .map_err(db)?
+                .map_or(0, |v| v.value()))
+        };
+        Ok(GatewayCounters {
+            batches_applied: get(BATCHES_APPLIED)?,
+            samples_applied: get(SAMPLES_APPLIED)?,
+            sequence_gaps: get(SEQUENCE_GAPS)?,
+            batches_missing: get(BATCHES_MISSING)?,
+            samples_dropped_by_gateway: get(SAMPLES_DROPPED_BY_GATEWAY)?,
+        })
+    }
+
+    /// The detector state saved with the gateway's last applied batch.
+    pub(crate) fn detector_snapshot(&self, gateway: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(DETECTOR).map_err(db)?;
+        let value = table.get(gateway).map_err(db)?.map(|v| v.value().to_vec());
+        Ok(value)
+    }
+
+    /// Writes everything a batch changes in one transaction (see the module
+    /// doc); returns the events whose stored version changed.
+    pub(crate) fn commit_batch(
+        &self,
+        batch: &AppliedBatch<'_>,
+    ) -> Result<Vec<EventChange>, StoreError> {
+        let gateway = batch.gateway;
+        let tx = self.db.begin_write().map_err(db)?;
+        let mut changes = Vec::new();
+        {
+            tx.open_table(LAST_SEQ)
+                .map_err(db)?
+                .insert(gateway, batch.seq)
+                .map_err(db)?;
+            tx.open_table(DETECTOR)
+                .map_err(db)?
+                .insert(gateway, batch.detector_snapshot)
+                .map_err(db)?;
+
+            let mut events = tx.open_table(EVENTS).map_err(db)?;
+            for event in batch.events {
+                let bytes = event.encode();
+                let previous = events
+                    .insert(event.id.as_str(), bytes.as_slice())
+                    .map_err(db)?
+                    .map(|old| old.value().to_vec());
+                if previous.as_deref() == Some(bytes.as_slice()) {
+                    continue;
+                }
+                let was_closed = previous
+                    .as_deref()
+                    .and_then(|old| Event::decode(old).ok())
+                    .map(|old| old.status == EventStatus::Closed);
+                changes.push(EventChange {
+                    event: event.clone(),
+                    opened: previous.is_none(),
+                    closed: event.status == EventStatus::Closed && was_closed != Some(true),
+                });
+            }
+
+            let mut counters = tx.open_table(COUNTERS).map_err(db)?;
+            for (name, add) in [
+                (BATCHES_APPLIED, 1),
+                (SAMPLES_APPLIED, batch.samples),
+                (SEQUENCE_GAPS, u64::from(batch.batches_missing > 0)),
+                (BATCHES_MISSING, batch.batches_missing),
+                (SAMPLES_DROPPED_BY_GATEWAY, batch.dropped_before),
+            ] {
+                if add == 0 {
+                    continue;
+                }
+                let old = counters
+                    .get((gateway, name))
+                    .map_err(db)?
+                    .map_or(0, |v| v.value());
+                counters
+                    .insert((gateway, name), old.saturating_add(add))
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().map_err(db)?;
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn applied<'a>(seq: u64, samples: u64, snapshot: &'a [u8]) -> AppliedBatch<'a> {
+        AppliedBatch {
+            gateway: "gw-a",
+            seq,
+            samples,
+            dropped_before: 0,
+            batches_missing: 0,
+            detector_snapshot: snapshot,
+            events: &[],
+        }
+    }
+
+    #[test]
+    fn batch_effects_round_trip_through_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingest.redb");
+        {
+            let store = Store::open(&path).unwrap();
+            assert_eq!(store.last_seq("gw-a").unwrap(), None);
+            assert_eq!(store.detector_snapshot("gw-a").unwrap(), None);
+            assert_eq!(store.counters("gw-a").unwrap(), GatewayCounters::default());
+
+            assert_eq!(store.commit_batch(&applied(1, 3, b"s1")).unwrap(), vec![]);
+            let mut third = applied(3, 2, b"s3");
+            third.batches_missing = 1;
+            third.dropped_before = 7;
+            store.commit_batch(&third).unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.last_seq("gw-a").unwrap(), Some(3));
+        assert_eq!(store.last_seq("gw-b").unwrap(), None);
+        assert_eq!(
+            store.detector_snapshot("gw-a").unwrap().as_deref(),
+            Some(&b"s3"[..])
+        );
+        assert_eq!(store.samples_applied("gw-a").unwrap(), 5);
+        assert_eq!(
+            store.counters("gw-a").unwrap(),
+            GatewayCounters {
+                batches_applied: 2,
+                samples_applied: 5,
+                sequence_gaps: 1,
+                batches_missing: 1,
+                samples_dropped_by_gateway: 7,
+            }
+        );
+        assert_eq!(store.events().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_store_is_locked_while_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingest.redb");
+        let store = Store::open(&path).unwrap();
+        assert!(matches!(Store::open(&path), Err(StoreError::Open { .. })));
+        drop(store);
+        Store::open(&path).unwrap();
+    }
+
+    #[test]
+    fn a_store_of_another_format_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingest.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(META).unwrap().insert("format", 99).unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Store::open(&path).err().unwrap();
+        assert!(matches!(err, StoreError::Format { found: 99, .. }), "{err}");
+    }
+}
