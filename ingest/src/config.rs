@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use facwatch_proto::clock::Clock;
 use facwatch_proto::site::{read_toml, validate_id, ConfigError, Site};
 
 /// The commented default configuration, as shipped.
@@ -36,6 +37,9 @@ pub struct Settings {
     pub store_path: PathBuf,
     pub broker: BrokerMode,
     pub mqtt: MqttSettings,
+    /// What "now" is for the historical flag of events: the wall clock in
+    /// the field, the simulation's clock in a simulated world.
+    pub clock: Clock,
 }
 
 /// Where the MQTT broker runs.
@@ -75,6 +79,7 @@ impl Settings {
             store_path: store_path.into(),
             broker: BrokerMode::External,
             mqtt,
+            clock: Clock::real(),
         })
     }
 
@@ -111,6 +116,7 @@ impl Settings {
                 port,
                 client_id,
             },
+            clock: Clock::real(),
         })
     }
 

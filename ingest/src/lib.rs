@@ -67,7 +67,13 @@ pub async fn run(
         receive::REQUEST_QUEUE,
     );
     let publisher = Publisher::new(client.clone(), stats.clone());
-    let applier = Applier::new(&settings.sites, store, publisher, stats.clone())?;
+    let applier = Applier::new(
+        &settings.sites,
+        store,
+        publisher,
+        stats.clone(),
+        settings.clock,
+    )?;
     info!(
         sites = settings.sites.len(),
         store = %settings.store_path.display(),

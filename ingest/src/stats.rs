@@ -20,8 +20,12 @@ pub struct Stats {
     pub samples_applied: AtomicU64,
     /// Batches with `seq <= last_seq`: ignored and re-acked.
     pub batches_duplicate: AtomicU64,
-    /// Applied batches whose `seq` skipped at least one number.
+    /// Applied batches whose `seq` skipped at least one number (the gateway
+    /// declared discarded data).
     pub sequence_gaps: AtomicU64,
+    /// Batches past a gap the gateway did not declare: ignored, re-acked
+    /// with `last_seq` so the gateway resends the missing ones.
+    pub batches_out_of_order: AtomicU64,
     /// Payloads that did not decode as a batch.
     pub rejected_decode: AtomicU64,
     /// Batches on the topic of a gateway no loaded site has.
@@ -52,6 +56,7 @@ pub struct StatsSnapshot {
     pub samples_applied: u64,
     pub batches_duplicate: u64,
     pub sequence_gaps: u64,
+    pub batches_out_of_order: u64,
     pub rejected_decode: u64,
     pub rejected_unknown_gateway: u64,
     pub rejected_gateway_mismatch: u64,
@@ -71,6 +76,7 @@ impl Stats {
             samples_applied: get(&self.samples_applied),
             batches_duplicate: get(&self.batches_duplicate),
             sequence_gaps: get(&self.sequence_gaps),
+            batches_out_of_order: get(&self.batches_out_of_order),
             rejected_decode: get(&self.rejected_decode),
             rejected_unknown_gateway: get(&self.rejected_unknown_gateway),
             rejected_gateway_mismatch: get(&self.rejected_gateway_mismatch),

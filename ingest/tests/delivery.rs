@@ -402,8 +402,15 @@ async fn state_survives_a_restart_of_run() {
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 2, false));
         gateway.send_batch(&batch("gw-a", 3, 1)).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 3, false));
-        // Batches 4 and 5 never arrive: applied with a recorded gap.
+        // Batches 4 and 5 went astray but the gateway still has them: 6 is
+        // not applied, and last_seq is acked again to ask for a resend.
         gateway.send_batch(&batch("gw-a", 6, 4)).await;
+        assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 3, false));
+        // The gateway discarded 4 and 5 (7 samples): 6 is applied with a
+        // recorded gap.
+        let mut after_drop = batch("gw-a", 6, 4);
+        after_drop.dropped_before = 7;
+        gateway.send_batch(&after_drop).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 6, false));
 
         let stats = second.stats();
@@ -412,9 +419,10 @@ async fn state_survives_a_restart_of_run() {
                 stats.batches_applied,
                 stats.samples_applied,
                 stats.batches_duplicate,
+                stats.batches_out_of_order,
                 stats.sequence_gaps
             ),
-            (2, 5, 1, 1)
+            (2, 5, 1, 1, 1)
         );
         second.stop().await;
 

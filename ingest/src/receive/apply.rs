@@ -14,13 +14,18 @@
 //!    changed events emitted. If the commit fails nothing changed: no ack,
 //!    and the gateway's resend is applied as if it were the first.
 //!
-//! A `seq` above `last_seq + 1` is applied and recorded as a gap (warning,
-//! counters); before a gateway's first applied batch no gap is computed.
+//! A `seq` above `last_seq + 1` is applied only when the batch says the
+//! gateway discarded data before it (`dropped_before > 0`), and is then
+//! recorded as a gap (warning, counters). Otherwise the batches in between
+//! are still in the gateway's buffer: the batch is ignored and
+//! `Ack { last_seq }` published again, so the gateway resends from
+//! `last_seq + 1` and nothing is acked away unseen. Before a gateway's first
+//! applied batch no gap is computed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use facwatch_proto::clock::wall_now_ms;
+use facwatch_proto::clock::Clock;
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_proto::wire::{Ack, Batch};
@@ -48,6 +53,7 @@ pub(crate) struct Applier {
     publisher: Publisher,
     stats: Arc<Stats>,
     rejects: RejectLog,
+    clock: Clock,
 }
 
 impl Applier {
@@ -57,6 +63,7 @@ impl Applier {
         store: Arc<Store>,
         publisher: Publisher,
         stats: Arc<Stats>,
+        clock: Clock,
     ) -> Result<Applier, IngestError> {
         let mut gateways = HashMap::new();
         for site in sites {
@@ -89,6 +96,7 @@ impl Applier {
             publisher,
             stats,
             rejects: RejectLog::default(),
+            clock,
         })
     }
 
@@ -157,12 +165,22 @@ impl Applier {
         }
 
         let batches_missing = state.last_seq.map_or(0, |last| seq - last - 1);
+        if batches_missing > 0 && batch.dropped_before == 0 {
+            // Batches in between went astray (a broker dropped them): the
+            // gateway still holds them. Applying this one would ack them
+            // away, so ask for a resend from last_seq + 1 instead.
+            debug!(site = %site.id, gateway, seq, last_seq = ?state.last_seq, "Batch out of order; acking last_seq again.");
+            self.stats.add(|s| &s.batches_out_of_order, 1);
+            let last = state.last_seq.expect("a gap needs a last_seq");
+            self.ack(&gateway, last).await;
+            return;
+        }
         let samples = batch.samples.len() as u64;
         let dropped_before = batch.dropped_before;
         let mut detector = state.detector.clone();
         let store = self.store.clone();
         let job_gateway = gateway.clone();
-        let now_ms = wall_now_ms();
+        let now_ms = self.clock.now_ms();
         let outcome = tokio::task::spawn_blocking(move || {
             let events = detector.apply(&batch.samples, now_ms);
             let snapshot = detector.snapshot();
