@@ -1,1 +1,192 @@
-//! placeholder
+//! The facwatch gateway: poll -> buffer -> forward.
+//!
+//! - `poll`: one task per meter reads it over Modbus TCP at
+//!   aligned virtual times and turns each poll into a `Sample`;
+//! - [`buffer`]: one batcher cuts samples into batches and appends each to
+//!   the redb buffer before anything tries to send it;
+//! - `forward`: batches go to the ingest over MQTT and
+//!   leave the buffer only when the ingest acks them (DESIGN.md,
+//!   "Delivery").
+//!
+//! [`run`] wires the stages together. Shutdown order: polling stops first,
+//! the batcher flushes its partial batch into the buffer, then the
+//! forwarder says goodbye to the broker. Nothing buffered is lost by a
+//! shutdown; the next run sends it.
+
+pub mod buffer;
+pub mod config;
+mod forward;
+mod poll;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use buffer::{Buffer, BufferError};
+pub use config::{MqttSettings, Settings};
+
+/// Live counters, for metrics and for tests to watch progress.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Samples ever appended to the buffer (lifetime, from its meta).
+    pub samples_produced: AtomicU64,
+    /// Batches appended during this run.
+    pub batches_appended: AtomicU64,
+    /// Batches published for the first time during this run.
+    pub batches_sent: AtomicU64,
+    /// Batches published again (reconnect or ack timeout).
+    pub batches_resent: AtomicU64,
+    /// Highest seq the ingest has acked.
+    pub acked_seq: AtomicU64,
+    /// Batches in the buffer waiting for an ack.
+    pub buffered_batches: AtomicU64,
+    /// Polls that yielded values.
+    pub polls_ok: AtomicU64,
+    /// Polls that did not (timeout, exception, decode error, offline).
+    pub polls_failed: AtomicU64,
+}
+
+/// What a finished run leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Report {
+    /// Samples ever appended to this buffer (lifetime).
+    pub samples_produced: u64,
+    /// Highest seq the ingest has acked.
+    pub acked_seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("{task} task failed: {reason}")]
+    Task { task: &'static str, reason: String },
+}
+
+/// Samples waiting for the batcher, per meter. When full, meter tasks wait
+/// (`Block`): the batcher commits at most once per batch, so this only
+/// fills while the disk stalls.
+const SAMPLES_PER_METER_QUEUED: usize = 8;
+
+/// Runs the gateway until `shutdown` is cancelled, or, with
+/// `settings.poll_until_ms`, until polling has reached that virtual time and
+/// the ingest has acked every batch.
+pub async fn run(
+    settings: Settings,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<Report, GatewayError> {
+    let path = settings.buffer_path.clone();
+    let buffer = Arc::new(
+        tokio::task::spawn_blocking(move || Buffer::open(&path))
+            .await
+            .map_err(|e| task_failed("buffer open", e))??,
+    );
+    let meta = buffer.meta()?;
+    stats
+        .samples_produced
+        .store(meta.samples_produced, Ordering::Relaxed);
+    tracing::info!(
+        site = %settings.site_id,
+        gateway = %settings.gateway.id,
+        meters = settings.meters.len(),
+        buffer = %settings.buffer_path.display(),
+        next_seq = meta.next_seq,
+        acked_seq = meta.acked_seq,
+        buffered_batches = meta.batches,
+        "Gateway starting."
+    );
+
+    // Cancelled by the caller, or by a failing stage to stop the others.
+    let abort = shutdown.child_token();
+    let stop_polling = abort.child_token();
+
+    let (sample_tx, sample_rx) =
+        mpsc::channel(settings.meters.len().max(1) * SAMPLES_PER_METER_QUEUED);
+    let plan = Arc::new(poll::PollPlan {
+        site: settings.site_id.clone(),
+        gateway: settings.gateway.id.clone(),
+        poll_interval: settings.gateway.poll_interval,
+        modbus_timeout: settings.gateway.modbus_timeout,
+        clock: settings.clock,
+        until_ms: settings.poll_until_ms,
+    });
+    let mut polls = JoinSet::new();
+    for meter in &settings.meters {
+        polls.spawn(poll::run_meter(
+            meter.clone(),
+            Arc::clone(&plan),
+            sample_tx.clone(),
+            Arc::clone(&stats),
+            stop_polling.clone(),
+        ));
+    }
+    drop(sample_tx);
+
+    let (appended_tx, appended_rx) = watch::channel(meta.next_seq - 1);
+    let batcher = tokio::spawn({
+        let batcher = buffer::batcher::run(
+            settings.gateway.id.clone(),
+            settings.gateway.batch_interval,
+            Arc::clone(&buffer),
+            sample_rx,
+            appended_tx,
+            Arc::clone(&stats),
+        );
+        let abort = abort.clone();
+        async move {
+            let result = batcher.await;
+            if result.is_err() {
+                abort.cancel();
+            }
+            result
+        }
+    });
+    let forwarder = forward::run(
+        forward::ForwardPlan {
+            site: settings.site_id.clone(),
+            gateway: settings.gateway.id.clone(),
+            mqtt: settings.mqtt.clone(),
+            window_batches: settings.window_batches,
+            ack_timeout: settings.ack_timeout,
+        },
+        Arc::clone(&buffer),
+        appended_rx,
+        Arc::clone(&stats),
+        abort.clone(),
+    )
+    .await;
+
+    // The forwarder is done: everything acked, shut down, or failed.
+    stop_polling.cancel();
+    while let Some(joined) = polls.join_next().await {
+        joined.map_err(|e| task_failed("poll", e))?;
+    }
+    let batched = batcher.await.map_err(|e| task_failed("batcher", e))?;
+    forwarder?;
+    batched?;
+
+    let meta = buffer.meta()?;
+    tracing::info!(
+        site = %settings.site_id,
+        gateway = %settings.gateway.id,
+        samples_produced = meta.samples_produced,
+        acked_seq = meta.acked_seq,
+        buffered_batches = meta.batches,
+        "Gateway stopped."
+    );
+    Ok(Report {
+        samples_produced: meta.samples_produced,
+        acked_seq: meta.acked_seq,
+    })
+}
+
+fn task_failed(task: &'static str, error: tokio::task::JoinError) -> GatewayError {
+    GatewayError::Task {
+        task,
+        reason: error.to_string(),
+    }
+}

@@ -1,0 +1,498 @@
+//! The gateway's own config file (`gateway.toml`), read in two stages: raw
+//! serde structs that refuse unknown keys, then [`Settings`], built only after
+//! every value is checked. The default file ships in the binary
+//! (`gateway.default.toml`, printed by `print-default-config`).
+//!
+//! Invariants of a [`Settings`]:
+//! - `gateway` is a gateway of the site file, and `meters` are exactly its
+//!   meters (at least one), in site-file order;
+//! - `window_batches >= 1`, `ack_timeout > 0`, the MQTT keep-alive is 0 or
+//!   1..=65535 s (what MQTT 3.1.1 can carry);
+//! - relative paths (`site_file`, `buffer.path`) are resolved against the
+//!   directory of the config file, not the working directory.
+//!
+//! Every error is a [`ConfigError`] naming the file, the key and the problem.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use facwatch_proto::clock::Clock;
+use facwatch_proto::site::{self, ConfigError, Gateway, Meter, Site};
+/// The default config, shipped inside the binary.
+pub const DEFAULT_CONFIG: &str = include_str!("../gateway.default.toml");
+
+/// Default number of batches sent but not yet acked by the ingest.
+pub const DEFAULT_WINDOW_BATCHES: u32 = 16;
+
+/// Default wall-clock time without ack progress before resending.
+pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// Validated gateway settings. Fields are public so tests and the demo can
+/// adjust them after [`Settings::new`].
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub site_id: String,
+    pub gateway: Gateway,
+    /// This gateway's meters, in site-file order.
+    pub meters: Vec<Meter>,
+    pub mqtt: MqttSettings,
+    /// The redb file holding unacked batches.
+    pub buffer_path: PathBuf,
+    /// Most batches sent and not yet acked by the ingest.
+    pub window_batches: u32,
+    /// Wall-clock time without ack progress after which the unacked batches
+    /// are sent again.
+    pub ack_timeout: Duration,
+    pub clock: Clock,
+    /// When set, polling stops at this virtual time (exclusive: a poll slot
+    /// at exactly this time is not polled) and `run` returns once every
+    /// batch is acked.
+    pub poll_until_ms: Option<i64>,
+}
+
+/// How to reach the MQTT broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    /// Zero disables keep-alive pings.
+    pub keep_alive: Duration,
+}
+
+impl MqttSettings {
+    /// Broker at `host:port` with the default client id of `gateway_id` and
+    /// a 30 s keep-alive.
+    pub fn new(host: impl Into<String>, port: u16, gateway_id: &str) -> MqttSettings {
+        MqttSettings {
+            host: host.into(),
+            port,
+            client_id: default_client_id(gateway_id),
+            keep_alive: Duration::from_secs(raw::DEFAULT_KEEP_ALIVE_SECS),
+        }
+    }
+}
+
+fn default_client_id(gateway_id: &str) -> String {
+    format!("facwatch-gw-{gateway_id}")
+}
+
+impl Settings {
+    /// Settings for `gateway_id` of `site` with defaults for everything
+    /// else: real-time polling forever, a window of
+    /// [`DEFAULT_WINDOW_BATCHES`], an ack timeout of [`DEFAULT_ACK_TIMEOUT`].
+    pub fn new(
+        site: &Site,
+        gateway_id: &str,
+        mqtt: MqttSettings,
+        buffer_path: impl Into<PathBuf>,
+        clock: Clock,
+    ) -> Result<Settings, ConfigError> {
+        let (gateway, meters) = gateway_of(site, gateway_id, &format!("site `{}`", site.id))?;
+        Ok(Settings {
+            site_id: site.id.clone(),
+            gateway,
+            meters,
+            mqtt,
+            buffer_path: buffer_path.into(),
+            window_batches: DEFAULT_WINDOW_BATCHES,
+            ack_timeout: DEFAULT_ACK_TIMEOUT,
+            clock,
+            poll_until_ms: None,
+        })
+    }
+
+    /// Loads and validates a config file and the site file it names.
+    /// `clock_anchor_wall_ms` is the wall time (Unix ms) at which a simulated
+    /// clock reads `[clock] start`; it is ignored without a `[clock]`
+    /// section.
+    pub fn load(path: &Path, clock_anchor_wall_ms: i64) -> Result<Settings, ConfigError> {
+        let (raw, file) = site::read_toml::<raw::ConfigFile>(path)?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        Settings::validate(raw, &file, base, clock_anchor_wall_ms)
+    }
+
+    /// Parses and validates config text; `file` names it in errors and
+    /// relative paths are resolved against `base`.
+    pub fn from_toml(
+        text: &str,
+        file: &str,
+        base: &Path,
+        clock_anchor_wall_ms: i64,
+    ) -> Result<Settings, ConfigError> {
+        let raw = site::parse_toml::<raw::ConfigFile>(text, file)?;
+        Settings::validate(raw, file, base, clock_anchor_wall_ms)
+    }
+
+    fn validate(
+        raw: raw::ConfigFile,
+        file: &str,
+        base: &Path,
+        clock_anchor_wall_ms: i64,
+    ) -> Result<Settings, ConfigError> {
+        let err = |key: &str, problem: String| ConfigError::new(file, key, problem);
+
+        let site_path = base.join(&raw.site_file);
+        let site = Site::load(&site_path)?;
+        let site_file_name = site_path.display().to_string();
+        let (gateway, meters) = gateway_of(
+            &site,
+            &raw.gateway_id,
+            &format!("site file {site_file_name}"),
+        )
+        .map_err(|e| err("gateway_id", e.problem))?;
+
+        let mqtt = &raw.mqtt;
+        if mqtt.host.trim().is_empty() {
+            return Err(err("mqtt.host", "must not be empty".into()));
+        }
+        if mqtt.port == 0 {
+            return Err(err("mqtt.port", "must be 1..=65535".into()));
+        }
+        if mqtt.keep_alive_secs > u64::from(u16::MAX) {
+            return Err(err(
+                "mqtt.keep_alive_secs",
+                format!(
+                    "{} exceeds the MQTT limit of 65535 seconds",
+                    mqtt.keep_alive_secs
+                ),
+            ));
+        }
+        let client_id = match &mqtt.client_id {
+            Some(id) if id.is_empty() => {
+                return Err(err("mqtt.client_id", "must not be empty".into()))
+            }
+            Some(id) => id.clone(),
+            None => default_client_id(&gateway.id),
+        };
+
+        if raw.buffer.path.as_os_str().is_empty() {
+            return Err(err("buffer.path", "must not be empty".into()));
+        }
+        if raw.forward.window_batches == 0 {
+            return Err(err(
+                "forward.window_batches",
+                "must be greater than 0".into(),
+            ));
+        }
+        if raw.forward.ack_timeout_ms == 0 {
+            return Err(err(
+                "forward.ack_timeout_ms",
+                "must be greater than 0".into(),
+            ));
+        }
+
+        let (clock, poll_until_ms) = match &raw.clock {
+            None => (Clock::real(), None),
+            Some(c) => {
+                let start = rfc3339_ms(&c.start).map_err(|p| err("clock.start", p))?;
+                if !(c.time_scale.is_finite() && c.time_scale > 0.0) {
+                    return Err(err(
+                        "clock.time_scale",
+                        format!("{} must be a positive number", c.time_scale),
+                    ));
+                }
+                let until = match &c.until {
+                    None => None,
+                    Some(text) => {
+                        let until = rfc3339_ms(text).map_err(|p| err("clock.until", p))?;
+                        if until <= start {
+                            return Err(err(
+                                "clock.until",
+                                format!("`{text}` must be after clock.start `{}`", c.start),
+                            ));
+                        }
+                        Some(until)
+                    }
+                };
+                (
+                    Clock::simulated(start, clock_anchor_wall_ms, c.time_scale),
+                    until,
+                )
+            }
+        };
+
+        Ok(Settings {
+            site_id: site.id.clone(),
+            gateway,
+            meters,
+            mqtt: MqttSettings {
+                host: mqtt.host.clone(),
+                port: mqtt.port,
+                client_id,
+                keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
+            },
+            buffer_path: base.join(&raw.buffer.path),
+            window_batches: raw.forward.window_batches,
+            ack_timeout: Duration::from_millis(raw.forward.ack_timeout_ms),
+            clock,
+            poll_until_ms,
+        })
+    }
+}
+
+/// The gateway `gateway_id` of `site` and its meters. `site_name` describes
+/// where the site came from, for the error.
+fn gateway_of(
+    site: &Site,
+    gateway_id: &str,
+    site_name: &str,
+) -> Result<(Gateway, Vec<Meter>), ConfigError> {
+    let Some(gateway) = site.gateway(gateway_id) else {
+        let known: Vec<_> = site.gateways.iter().map(|g| g.id.as_str()).collect();
+        return Err(ConfigError::new(
+            site_name,
+            "gateway_id",
+            format!(
+                "gateway `{gateway_id}` is not defined in {site_name} (known: {})",
+                known.join(", ")
+            ),
+        ));
+    };
+    let meters: Vec<Meter> = site
+        .meters
+        .iter()
+        .filter(|m| m.gateway == gateway.id)
+        .cloned()
+        .collect();
+    if meters.is_empty() {
+        return Err(ConfigError::new(
+            site_name,
+            "gateway_id",
+            format!("gateway `{gateway_id}` reads no meters in {site_name}"),
+        ));
+    }
+    Ok((gateway.clone(), meters))
+}
+
+fn rfc3339_ms(text: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            format!("`{text}` is not an RFC 3339 time ({e}), e.g. 2022-12-13T00:00:00+08:00")
+        })
+}
+
+/// The config file as written; see `gateway.default.toml`.
+mod raw {
+    use std::path::PathBuf;
+
+    use serde::Deserialize;
+
+    pub(super) const DEFAULT_KEEP_ALIVE_SECS: u64 = 30;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct ConfigFile {
+        pub(super) site_file: PathBuf,
+        pub(super) gateway_id: String,
+        pub(super) mqtt: MqttSection,
+        pub(super) buffer: BufferSection,
+        #[serde(default)]
+        pub(super) forward: ForwardSection,
+        pub(super) clock: Option<ClockSection>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct MqttSection {
+        pub(super) host: String,
+        #[serde(default = "default_port")]
+        pub(super) port: u16,
+        pub(super) client_id: Option<String>,
+        #[serde(default = "default_keep_alive_secs")]
+        pub(super) keep_alive_secs: u64,
+    }
+
+    fn default_port() -> u16 {
+        1883
+    }
+    fn default_keep_alive_secs() -> u64 {
+        DEFAULT_KEEP_ALIVE_SECS
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct BufferSection {
+        pub(super) path: PathBuf,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct ForwardSection {
+        #[serde(default = "default_window_batches")]
+        pub(super) window_batches: u32,
+        #[serde(default = "default_ack_timeout_ms")]
+        pub(super) ack_timeout_ms: u64,
+    }
+
+    impl Default for ForwardSection {
+        fn default() -> Self {
+            ForwardSection {
+                window_batches: default_window_batches(),
+                ack_timeout_ms: default_ack_timeout_ms(),
+            }
+        }
+    }
+
+    fn default_window_batches() -> u32 {
+        super::DEFAULT_WINDOW_BATCHES
+    }
+    fn default_ack_timeout_ms() -> u64 {
+        super::DEFAULT_ACK_TIMEOUT.as_millis() as u64
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct ClockSection {
+        pub(super) start: String,
+        #[serde(default = "one")]
+        pub(super) time_scale: f64,
+        pub(super) until: Option<String>,
+    }
+
+    fn one() -> f64 {
+        1.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
+
+    /// A directory with the deploy site file under the name the default
+    /// config expects.
+    fn site_dir() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("stenter-plant.site.toml"), SITE).unwrap();
+        dir
+    }
+
+    fn load(text: &str) -> Result<Settings, ConfigError> {
+        let dir = site_dir();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, text).unwrap();
+        Settings::load(&path, 1_000)
+    }
+
+    #[test]
+    fn default_config_loads_against_the_deploy_site_file() {
+        let dir = site_dir();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(&path, DEFAULT_CONFIG).unwrap();
+        let settings = Settings::load(&path, 1_000).unwrap();
+        assert_eq!(settings.site_id, "tx-dyeing");
+        assert_eq!(settings.gateway.id, "gw-01");
+        assert_eq!(settings.meters.len(), 10);
+        assert_eq!(settings.meters[0].id, "l1-stenter");
+        assert_eq!(
+            settings.mqtt,
+            MqttSettings {
+                host: "127.0.0.1".into(),
+                port: 1883,
+                client_id: "facwatch-gw-gw-01".into(),
+                keep_alive: Duration::from_secs(30),
+            }
+        );
+        assert_eq!(settings.buffer_path, dir.path().join("gw-01.buffer.redb"));
+        assert_eq!(settings.window_batches, 16);
+        assert_eq!(settings.ack_timeout, Duration::from_millis(5000));
+        assert_eq!(settings.clock, Clock::real());
+        assert_eq!(settings.poll_until_ms, None);
+    }
+
+    const MINIMAL: &str = r#"
+site_file = "stenter-plant.site.toml"
+gateway_id = "gw-01"
+[mqtt]
+host = "broker.local"
+[buffer]
+path = "/var/lib/facwatch/buffer.redb"
+"#;
+
+    #[test]
+    fn clock_section_makes_a_simulated_clock_anchored_at_the_given_wall_time() {
+        let text = format!(
+            "{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00+08:00\"\ntime_scale = 1440\nuntil = \"2022-12-14T00:00:00+08:00\"\n"
+        );
+        let settings = load(&text).unwrap();
+        let start_ms = 1_670_860_800_000;
+        assert_eq!(settings.clock, Clock::simulated(start_ms, 1_000, 1440.0));
+        assert_eq!(settings.poll_until_ms, Some(start_ms + 86_400_000));
+        assert_eq!(
+            settings.buffer_path,
+            PathBuf::from("/var/lib/facwatch/buffer.redb")
+        );
+    }
+
+    #[test]
+    fn unknown_gateway_is_named_with_key_and_file() {
+        let err = load(&MINIMAL.replace("\"gw-01\"", "\"gw-09\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gateway.toml: gateway_id: gateway `gw-09` is not defined in site file "),
+            "{err}"
+        );
+        assert!(
+            err.contains("stenter-plant.site.toml (known: gw-01)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_refused() {
+        let err = load(&MINIMAL.replace("[buffer]", "[buffer]\nmax_bytes = 5"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gateway.toml"), "{err}");
+        assert!(err.contains("unknown field `max_bytes`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_named_by_key() {
+        let cases = [
+            (MINIMAL.replace("[buffer]", "[forward]\nwindow_batches = 0\n[buffer]"), "forward.window_batches: must be greater than 0"),
+            (MINIMAL.replace("[buffer]", "[forward]\nack_timeout_ms = 0\n[buffer]"), "forward.ack_timeout_ms: must be greater than 0"),
+            (MINIMAL.replace("[buffer]", "keep_alive_secs = 70000\n[buffer]"), "mqtt.keep_alive_secs: 70000 exceeds"),
+            (MINIMAL.replace("[buffer]", "client_id = \"\"\n[buffer]"), "mqtt.client_id: must not be empty"),
+            (format!("{MINIMAL}[clock]\nstart = \"yesterday\"\n"), "clock.start: `yesterday` is not an RFC 3339 time"),
+            (format!("{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00Z\"\ntime_scale = 0\n"), "clock.time_scale: 0 must be a positive number"),
+            (format!("{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00Z\"\nuntil = \"2022-12-12T00:00:00Z\"\n"), "clock.until: `2022-12-12T00:00:00Z` must be after"),
+        ];
+        for (text, expected) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+        }
+    }
+
+    #[test]
+    fn missing_site_file_is_named() {
+        let err = load(&MINIMAL.replace("stenter-plant.site.toml", "nope.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn new_picks_the_gateways_meters_and_defaults() {
+        let site = Site::from_toml(SITE, "site.toml").unwrap();
+        let mqtt = MqttSettings::new("127.0.0.1", 1883, "gw-01");
+        let settings = Settings::new(&site, "gw-01", mqtt, "b.redb", Clock::real()).unwrap();
+        assert_eq!(settings.meters.len(), 10);
+        assert_eq!(settings.window_batches, DEFAULT_WINDOW_BATCHES);
+        assert_eq!(settings.mqtt.client_id, "facwatch-gw-gw-01");
+        let err = Settings::new(
+            &site,
+            "gw-02",
+            MqttSettings::new("h", 1, "gw-02"),
+            "b.redb",
+            Clock::real(),
+        )
+        .unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("gateway_id"));
+        assert!(err.problem.contains("gw-02"), "{err}");
+    }
+}
