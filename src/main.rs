@@ -11,7 +11,10 @@ use facwatch::report::{self, ProgressView};
 use tokio::sync::mpsc;
 
 #[derive(Parser)]
-#[command(version, about = "Runs a simulated plant day through simulator, gateway, broker and ingest.")]
+#[command(
+    version,
+    about = "Runs a simulated plant day through simulator, gateway, broker and ingest."
+)]
 struct Args {
     /// Print each closed event as one JSON line on stdout (progress goes to
     /// stderr).
@@ -34,8 +37,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // rumqttd reports a client's clean disconnect as an error.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -56,7 +61,10 @@ fn main() -> ExitCode {
 
 async fn demo(args: Args) -> anyhow::Result<()> {
     if let Some(scale) = args.time_scale {
-        anyhow::ensure!(scale.is_finite() && scale > 0.0, "--time-scale must be a positive number");
+        anyhow::ensure!(
+            scale.is_finite() && scale > 0.0,
+            "--time-scale must be a positive number"
+        );
     }
     let scenario = match &args.scenario {
         Some(path) => facwatch_sim::Scenario::load(path)?,
@@ -82,7 +90,12 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         report::local_minute(scenario.end_ms, tz),
         args.time_scale.unwrap_or(scenario.time_scale)
     );
-    let mut view = ProgressView::new(std::io::stderr().is_terminal(), scenario.start_ms, scenario.end_ms, tz);
+    let mut view = ProgressView::new(
+        std::io::stderr().is_terminal(),
+        scenario.start_ms,
+        scenario.end_ms,
+        tz,
+    );
     let options = Options {
         time_scale: args.time_scale,
         ..Options::default()

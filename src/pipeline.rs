@@ -74,7 +74,9 @@ pub async fn run(
     progress: mpsc::UnboundedSender<Progress>,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
-    let (from_ms, until_ms) = options.window.unwrap_or((scenario.start_ms, scenario.end_ms));
+    let (from_ms, until_ms) = options
+        .window
+        .unwrap_or((scenario.start_ms, scenario.end_ms));
     if from_ms >= until_ms {
         bail!("empty window: {from_ms} >= {until_ms}");
     }
@@ -116,8 +118,12 @@ pub async fn run(
         let mut s = facwatch_ingest::Settings::new(
             vec![site.clone()],
             work_dir.join("ingest.redb"),
-            facwatch_ingest::MqttSettings::new(&mqtt_host, mqtt_port, "facwatch-ingest"),
-        );
+            facwatch_ingest::MqttSettings {
+                host: mqtt_host.clone(),
+                port: mqtt_port,
+                client_id: "facwatch-ingest".into(),
+            },
+        )?;
         s.clock = clock;
         s
     };
@@ -128,7 +134,7 @@ pub async fn run(
         let mut s = facwatch_gateway::Settings::new(
             &site,
             &gateway_id,
-            facwatch_gateway::MqttSettings::new(&mqtt_host, mqtt_port, &format!("facwatch-gw-{gateway_id}")),
+            facwatch_gateway::MqttSettings::new(&mqtt_host, mqtt_port, &gateway_id),
             work_dir.join("gateway.redb"),
             clock,
         )?;
@@ -155,11 +161,17 @@ pub async fn run(
         if let Some((down_ms, up_ms)) = outage {
             if ingest.is_some() && now_ms >= down_ms {
                 stop_ingest(ingest.take().expect("checked")).await?;
-                let _ = progress.send(Progress::Ingest { running: false, now_ms });
+                let _ = progress.send(Progress::Ingest {
+                    running: false,
+                    now_ms,
+                });
             }
             if ingest.is_none() && now_ms >= up_ms {
                 ingest = Some(start_ingest(ingest_settings.clone(), ingest_stats.clone()));
-                let _ = progress.send(Progress::Ingest { running: true, now_ms });
+                let _ = progress.send(Progress::Ingest {
+                    running: true,
+                    now_ms,
+                });
                 outage = None;
             }
         }
@@ -193,7 +205,10 @@ pub async fn run(
         .collect();
     stop_watch.cancel();
     let seen = watcher.await.context("event watcher task")?;
-    for event in events.iter().filter(|e| closed.contains(&e.id) && !seen.contains(&e.id)) {
+    for event in events
+        .iter()
+        .filter(|e| closed.contains(&e.id) && !seen.contains(&e.id))
+    {
         // Published before the watcher subscribed, or after it stopped.
         let _ = progress.send(Progress::Closed(event.to_json(site.time_zone)));
     }
@@ -208,9 +223,15 @@ pub async fn run(
     })
 }
 
-type IngestTask = (CancellationToken, JoinHandle<Result<(), facwatch_ingest::IngestError>>);
+type IngestTask = (
+    CancellationToken,
+    JoinHandle<Result<(), facwatch_ingest::IngestError>>,
+);
 
-fn start_ingest(settings: facwatch_ingest::Settings, stats: Arc<facwatch_ingest::Stats>) -> IngestTask {
+fn start_ingest(
+    settings: facwatch_ingest::Settings,
+    stats: Arc<facwatch_ingest::Stats>,
+) -> IngestTask {
     let stop = CancellationToken::new();
     let handle = tokio::spawn(facwatch_ingest::run(settings, stats, stop.clone()));
     (stop, handle)

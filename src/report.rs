@@ -10,9 +10,10 @@ use crate::pipeline::{Outcome, Progress};
 
 /// Formats a virtual time in the site's zone as `YYYY-MM-DD HH:MM`.
 pub fn local_minute(ms: i64, tz: chrono_tz::Tz) -> String {
-    tz.timestamp_millis_opt(ms)
-        .single()
-        .map_or_else(|| ms.to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
+    tz.timestamp_millis_opt(ms).single().map_or_else(
+        || ms.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M").to_string(),
+    )
 }
 
 /// Renders progress to stderr.

@@ -8,14 +8,14 @@ use facwatch_ingest::detect::{EventStatus, Rule};
 use tokio::sync::mpsc;
 
 /// 2022-12-13 `h:m` in Asia/Shanghai (+08:00), Unix ms.
-pub fn hm(h: i64, m: i64) -> i64 {
+pub(crate) fn hm(h: i64, m: i64) -> i64 {
     1_670_860_800_000 + (h * 60 + m) * 60_000
 }
 
 /// Runs the built-in scenario from 13:00 to 17:00 (the seed incident on
 /// line 1 at 14:03, line 2's fan meter silent from 16:00 to 16:20) at 900x,
 /// collecting progress.
-pub async fn run_plant(ingest_outage: Option<(i64, i64)>) -> (Outcome, Vec<Progress>) {
+pub(crate) async fn run_plant(ingest_outage: Option<(i64, i64)>) -> (Outcome, Vec<Progress>) {
     let dir = tempfile::tempdir().unwrap();
     let options = Options {
         window: Some((hm(13, 0), hm(17, 0))),
@@ -40,11 +40,16 @@ pub async fn run_plant(ingest_outage: Option<(i64, i64)>) -> (Outcome, Vec<Progr
 /// Exactly one event: R1 on line 1, closed, from 14:03 for 27 minutes
 /// (within one 30 s poll interval), involving exactly the condenser, the
 /// main fan and the HV ESP of line 1.
-pub fn assert_exactly_the_seed_incident(outcome: &Outcome) {
+pub(crate) fn assert_exactly_the_seed_incident(outcome: &Outcome) {
     assert_eq!(outcome.events.len(), 1, "{:#?}", outcome.events);
     let event = &outcome.events[0];
     assert_eq!(
-        (event.rule, event.status, event.line.as_str(), event.site.as_str()),
+        (
+            event.rule,
+            event.status,
+            event.line.as_str(),
+            event.site.as_str()
+        ),
         (Rule::R1, EventStatus::Closed, "line1", "tx-dyeing")
     );
     assert_eq!(
@@ -55,18 +60,38 @@ pub fn assert_exactly_the_seed_incident(outcome: &Outcome) {
     let start_within = hm(14, 3)..hm(14, 4);
     assert!(start_within.contains(&event.start_ms), "{event:#?}");
     let duration = event.duration_secs().expect("closed");
-    assert!((27 * 60 - 30..=27 * 60 + 30).contains(&duration), "{event:#?}");
+    assert!(
+        (27 * 60 - 30..=27 * 60 + 30).contains(&duration),
+        "{event:#?}"
+    );
     let json = event.to_json(outcome.site.time_zone);
-    assert!(json["start"].as_str().unwrap().starts_with("2022-12-13T14:03:"), "{json}");
-    assert!(json["start"].as_str().unwrap().ends_with("+08:00"), "{json}");
+    assert!(
+        json["start"]
+            .as_str()
+            .unwrap()
+            .starts_with("2022-12-13T14:03:"),
+        "{json}"
+    );
+    assert!(
+        json["start"].as_str().unwrap().ends_with("+08:00"),
+        "{json}"
+    );
 }
 
 /// Every sample the gateway took was applied once; and it took nearly all
 /// of the 4 h x 120 polls/h x 10 meters (slots can be skipped when the
 /// machine is slow, never doubled).
-pub fn assert_every_sample_applied_once(outcome: &Outcome) {
+pub(crate) fn assert_every_sample_applied_once(outcome: &Outcome) {
     assert_eq!(outcome.samples_applied, outcome.samples_produced);
     let slots = 4 * 120 * 10;
-    assert!(outcome.samples_produced <= slots + 10, "{}", outcome.samples_produced);
-    assert!(outcome.samples_produced >= slots * 9 / 10, "{}", outcome.samples_produced);
+    assert!(
+        outcome.samples_produced <= slots + 10,
+        "{}",
+        outcome.samples_produced
+    );
+    assert!(
+        outcome.samples_produced >= slots * 9 / 10,
+        "{}",
+        outcome.samples_produced
+    );
 }

@@ -17,7 +17,11 @@ async fn ingest_down_for_two_hours_over_the_incident_yields_the_same_event() {
             _ => None,
         })
         .collect();
-    assert_eq!(outage, vec![false, true], "the ingest was stopped and started again");
+    assert_eq!(
+        outage,
+        vec![false, true],
+        "the ingest was stopped and started again"
+    );
     assert_exactly_the_seed_incident(&outcome);
     assert_every_sample_applied_once(&outcome);
     // Found in the replay, long after it ended in data time.
