@@ -44,11 +44,12 @@ const KEY_SAMPLES: &str = "samples_produced";
 /// Why the buffer could not be used. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum BufferError {
-    #[error("buffer {path}: {source}")]
+    // The cause is part of the message, so it is not also a `source`
+    // (which would print it twice in an error chain).
+    #[error("buffer {path}: {cause}")]
     Storage {
         path: PathBuf,
-        #[source]
-        source: Box<redb::Error>,
+        cause: Box<redb::Error>,
     },
     #[error("buffer {path}: on-disk format {found} is not the format {FORMAT} this build reads")]
     UnknownFormat { path: PathBuf, found: u64 },
@@ -83,12 +84,18 @@ impl std::fmt::Debug for Buffer {
 }
 
 impl Buffer {
-    /// Opens the buffer at `path`, creating it (not its directory) if
+    /// Opens the buffer at `path`, creating it and its directory if
     /// missing. A file another process has open is an error.
     pub fn open(path: &Path) -> Result<Buffer, BufferError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| BufferError::Storage {
+                path: path.to_path_buf(),
+                cause: Box::new(redb::Error::Io(e)),
+            })?;
+        }
         let db = Database::create(path).map_err(|e| BufferError::Storage {
             path: path.to_path_buf(),
-            source: Box::new(e.into()),
+            cause: Box::new(e.into()),
         })?;
         let buffer = Buffer {
             db,
@@ -230,7 +237,7 @@ impl Buffer {
     fn storage(&self, source: redb::Error) -> BufferError {
         BufferError::Storage {
             path: self.path.clone(),
-            source: Box::new(source),
+            cause: Box::new(source),
         }
     }
 }

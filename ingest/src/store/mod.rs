@@ -44,17 +44,19 @@ const SAMPLES_DROPPED_BY_GATEWAY: &str = "samples_dropped_by_gateway";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store {path}: {source}")]
+    // Causes are part of the messages, so they are not also `source`s
+    // (which would print them twice in an error chain).
+    #[error("store {path}: {cause}")]
     Open {
         path: String,
-        source: Box<redb::Error>,
+        cause: Box<redb::Error>,
     },
     #[error("store {path}: format {found} is not the format {STORE_FORMAT} this build reads")]
     Format { path: String, found: u64 },
     #[error("store: {0}")]
-    Database(#[source] Box<redb::Error>),
-    #[error("store: event `{id}` does not decode: {source}")]
-    Event { id: String, source: SnapshotError },
+    Database(Box<redb::Error>),
+    #[error("store: event `{id}` does not decode: {cause}")]
+    Event { id: String, cause: SnapshotError },
 }
 
 fn db(error: impl Into<redb::Error>) -> StoreError {
@@ -104,10 +106,13 @@ impl Store {
     /// Opens the store at `path`, creating it (and its tables) if needed.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let name = path.display().to_string();
-        let open_error = |source: redb::Error| StoreError::Open {
+        let open_error = |cause: redb::Error| StoreError::Open {
             path: name.clone(),
-            source: Box::new(source),
+            cause: Box::new(cause),
         };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| open_error(redb::Error::Io(e)))?;
+        }
         let db = Database::create(path).map_err(|e| open_error(e.into()))?;
         let tx = db.begin_write().map_err(|e| open_error(e.into()))?;
         {
@@ -140,9 +145,9 @@ impl Store {
         let mut events = Vec::new();
         for entry in table.iter().map_err(db)? {
             let (id, bytes) = entry.map_err(db)?;
-            let event = Event::decode(bytes.value()).map_err(|source| StoreError::Event {
+            let event = Event::decode(bytes.value()).map_err(|cause| StoreError::Event {
                 id: id.value().to_string(),
-                source,
+                cause,
             })?;
             events.push(event);
         }
