@@ -50,20 +50,6 @@ impl ConfigError {
             problem: problem.into(),
         }
     }
-
-    /// Wraps a TOML parse error (syntax, unknown key, wrong type), keeping
-    /// the key path and line that toml reports.
-    pub fn from_toml(file: &str, error: &toml::de::Error) -> ConfigError {
-        let mut problem = error.message().to_string();
-        if let Some(span) = error.span() {
-            problem = format!("{problem} (at byte {})", span.start);
-        }
-        ConfigError {
-            file: file.to_string(),
-            key: None,
-            problem,
-        }
-    }
 }
 
 /// Reads a TOML file into a raw serde struct, with errors naming the file.
@@ -77,19 +63,25 @@ pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<(T, Stri
     parse_toml(&text, &file).map(|v| (v, file))
 }
 
-/// Parses TOML text into a raw serde struct; `file` names it in errors.
+/// Parses TOML text into a raw serde struct; `file` names it in errors,
+/// with the key path (e.g. `lines[0].facilities[2].rated_kw`) and the line.
 pub fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
     file: &str,
 ) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| {
-        let mut err = ConfigError::from_toml(file, &e);
-        // toml's message already names the key; add the line for humans.
-        if let Some(span) = e.span() {
+    serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let mut problem = inner.message().trim_end().to_string();
+        if let Some(span) = inner.span() {
             let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
-            err.problem = format!("{} (line {line})", e.message());
+            problem = format!("{problem} (line {line})");
         }
-        err
+        ConfigError {
+            file: file.to_string(),
+            key: (path != ".").then_some(path),
+            problem,
+        }
     })
 }
 
