@@ -12,8 +12,8 @@
 //!   leads and lags are at most 12 hours;
 //! - every fault window is non-empty and overlaps the scenario's span;
 //! - facility overrides name distinct facilities and hold sane numbers;
-//! - no two meters of the site share one TCP endpoint and unit id (a real
-//!   RS-485 bus could not tell them apart).
+//! - no two meters of the site share one TCP endpoint and unit id (the
+//!   site file checks it: a real RS-485 bus could not tell them apart).
 //!
 //! Errors name the file, the key (as a dotted path) and the problem.
 
@@ -161,7 +161,6 @@ impl Scenario {
         if raw.site_file.trim().is_empty() {
             return Err(err("site_file".into(), "must name the site file".into()));
         }
-        check_unique_meter_addresses(&site, &raw.site_file, file)?;
 
         let start_ms = timestamp_ms(&raw.start, "start", file)?;
         let end_ms = timestamp_ms(&raw.end, "end", file)?;
@@ -392,29 +391,6 @@ fn check_names(
         )),
         None => Ok(()),
     }
-}
-
-fn check_unique_meter_addresses(
-    site: &Site,
-    site_file: &str,
-    file: &str,
-) -> Result<(), ConfigError> {
-    for (i, a) in site.meters.iter().enumerate() {
-        if let Some(b) = site.meters[..i]
-            .iter()
-            .find(|b| b.tcp == a.tcp && b.unit == a.unit)
-        {
-            return Err(ConfigError::new(
-                file,
-                "site_file",
-                format!(
-                    "meters `{}` and `{}` in `{site_file}` share endpoint {} and unit {}",
-                    b.id, a.id, a.tcp, a.unit
-                ),
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// A time as written, TOML string or date-time alike.
@@ -779,19 +755,6 @@ pub(crate) mod tests {
         assert_eq!(
             error_of(&with("id = \"l1-main-fan\"\nidle_kw = -1")),
             "s.toml: facilities[0].idle_kw: -1 is outside [0, 1000000]"
-        );
-    }
-
-    #[test]
-    fn meters_sharing_endpoint_and_unit_are_refused() {
-        let site_text = DEPLOY_SITE.replacen("unit = 2", "unit = 1", 1);
-        let site = Site::from_toml(&site_text, "site.toml").unwrap();
-        let err = Scenario::from_toml(DEPLOY_SCENARIO, "s.toml", site)
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            err,
-            "s.toml: site_file: meters `l1-stenter` and `l1-spray-pump` in `stenter-plant.site.toml` share endpoint 127.0.0.1:15021 and unit 1"
         );
     }
 
