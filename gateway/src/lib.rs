@@ -66,10 +66,22 @@ pub enum GatewayError {
     Task { task: &'static str, reason: String },
 }
 
-/// Samples waiting for the batcher, per meter. When full, meter tasks wait
-/// (`Block`): the batcher commits at most once per batch, so this only
-/// fills while the disk stalls.
+/// Samples waiting for the batcher, per meter, beyond two batch intervals'
+/// worth. The queue holds two whole batches of polls so that a slow fsync
+/// (a batch commit on a busy disk) never delays a poll, which would shift
+/// sample times. When full, meter tasks wait (`Block`): the disk has
+/// stalled for longer than a batch interval.
 const SAMPLES_PER_METER_QUEUED: usize = 8;
+
+fn sample_queue_capacity(settings: &Settings) -> usize {
+    let polls_per_batch = settings
+        .gateway
+        .batch_interval
+        .as_millis()
+        .div_ceil(settings.gateway.poll_interval.as_millis().max(1))
+        as usize;
+    settings.meters.len().max(1) * (2 * polls_per_batch + SAMPLES_PER_METER_QUEUED)
+}
 
 /// Runs the gateway until `shutdown` is cancelled, or, with
 /// `settings.poll_until_ms`, until polling has reached that virtual time and
@@ -104,8 +116,7 @@ pub async fn run(
     let abort = shutdown.child_token();
     let stop_polling = abort.child_token();
 
-    let (sample_tx, sample_rx) =
-        mpsc::channel(settings.meters.len().max(1) * SAMPLES_PER_METER_QUEUED);
+    let (sample_tx, sample_rx) = mpsc::channel(sample_queue_capacity(&settings));
     let plan = Arc::new(poll::PollPlan {
         site: settings.site_id.clone(),
         gateway: settings.gateway.id.clone(),
