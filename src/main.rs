@@ -34,14 +34,17 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    let terminal = std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // rumqttd reports a client's clean disconnect as an error.
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rumqttd=off")),
         )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_ansi(terminal)
+        .with_writer(move || LogLine {
+            clear_progress_bar: terminal,
+        })
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -56,6 +59,26 @@ fn main() -> ExitCode {
             eprintln!("facwatch: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes one log line to stderr, first erasing the progress bar drawn on
+/// the terminal's current line (the bar is redrawn on the next tick).
+struct LogLine {
+    clear_progress_bar: bool,
+}
+
+impl std::io::Write for LogLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if std::mem::take(&mut self.clear_progress_bar) {
+            err.write_all(b"\r\x1b[2K")?;
+        }
+        err.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
     }
 }
 
