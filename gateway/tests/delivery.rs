@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use facwatch_gateway::{Buffer, MqttSettings, Report, Settings, Stats};
 use facwatch_proto::clock::{wall_now_ms, Clock};
-use facwatch_proto::profile::{ProfileName, Ratios, ReadResult};
+use facwatch_proto::profile::{Profile, ProfileName, Ratios, ReadLimits, ReadResult};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_proto::wire::{Ack, Batch, LinkState, Quality, Status, Values};
@@ -61,10 +61,12 @@ impl Meters {
 
     /// What the gateway must decode from this meter.
     fn expected_values(&self) -> Values {
-        let profile = ProfileName::Sdm630.profile();
+        let profile = Profile::builtin(ProfileName::Sdm630);
         let results: Vec<_> = profile
-            .reads()
+            .reads(ReadLimits::default())
+            .into_iter()
             .map(|read| ReadResult {
+                function: read.function,
                 address: read.address,
                 words: self.words(read.address, read.count),
             })
@@ -92,11 +94,10 @@ impl tokio_modbus::server::Service for Meters {
 }
 
 async fn start_modbus_server() -> (SocketAddr, Meters) {
-    let registers = ProfileName::Sdm630
-        .profile()
-        .encode(&good_meter_values(), Ratios::default());
+    let registers =
+        Profile::builtin(ProfileName::Sdm630).encode(&good_meter_values(), Ratios::default());
     let meters = Meters {
-        registers: Arc::new(registers.into_iter().collect()),
+        registers: Arc::new(registers.into_iter().map(|(_, a, w)| (a, w)).collect()),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

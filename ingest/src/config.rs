@@ -447,11 +447,12 @@ client_id = "ingest-2"
 
     #[test]
     fn invalid_site_file_error_names_the_site_file() {
-        let broken = SITE.replace("unit = 5", "unit = 5\nbaud = 9600");
+        let broken = SITE.replace("unit = 5", "unit = 5\nspeed = 9600");
         let dir = config_dir(DEFAULT_CONFIG, &[("plant.site.toml", &broken)]);
         let err = load(&dir).unwrap_err();
         assert!(err.file.ends_with("plant.site.toml"), "{err}");
-        assert!(err.problem.contains("unknown field `baud`"), "{err}");
+        assert_eq!(err.key.as_deref(), Some("meters[4].speed"), "{err}");
+        assert!(err.problem.contains("unknown field `speed`"), "{err}");
     }
 
     #[test]

@@ -1,16 +1,24 @@
-//! Meter profiles: where a meter model keeps each quantity, how it is encoded
-//! and how it is scaled. The gateway decodes with these tables and the
-//! simulators encode with the same tables, so both ends of the Modbus wire
-//! agree by construction; the unit tests pin each table to the vendor's
-//! documented addresses and to hand-made register words, so an error in a
-//! table cannot hide behind that symmetry.
+//! Meter profiles: where a meter model keeps each quantity, how it is
+//! encoded (type, word order) and how it is scaled. The gateway decodes with
+//! these tables and the simulators encode with the same tables, so both
+//! ends of the Modbus wire agree by construction; the unit tests pin each
+//! built-in table to the vendor's documented addresses and to hand-made
+//! register words, so an error in a table cannot hide behind that symmetry.
+//!
+//! A profile is a list of [`Field`]s. Built-in ones come from
+//! [`Profile::builtin`]; a `generic` one is written in the site file.
 //!
 //! Invariants:
-//! - A profile's [`Profile::reads`] cover every field address, each read at
-//!   most [`MAX_REGISTERS_PER_READ`] registers.
+//! - [`Profile::reads`] covers every register of every field, coalescing
+//!   fields of one function code into as few reads as the limits allow
+//!   (each read at most [`ReadLimits::max_registers`] <=
+//!   [`MAX_REGISTERS_PER_READ`], skipping at most `max_gap` unused
+//!   registers between fields), because serial buses are slow.
 //! - [`Profile::decode`] returns primary-side engineering units (kW, kWh, V,
 //!   A) and rejects NaN or infinite values as [`ProfileError::NotFinite`]
 //!   instead of passing them on.
+//! - [`Profile::encode`] is the inverse of `decode` (up to the type's
+//!   resolution), for simulators.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,24 +33,45 @@ pub const MAX_REGISTERS_PER_READ: u16 = 125;
 pub enum ProfileName {
     /// CHINT DTSU666, three-phase, FC03, float ABCD, secondary-side values.
     Dtsu666,
-    /// Eastron SDM630, three-phase, FC04, float ABCD, engineering units.
+    /// CHINT DDSU666, single-phase, FC04, float, engineering units.
+    Ddsu666,
+    /// Acrel ADL400, three-phase, FC03, integers, secondary side, 8E1.
+    Adl400,
+    /// Acrel ADW300, three-phase, FC03, integers.
+    Adw300,
+    /// Eastron SDM630, three-phase, FC04, float, engineering units.
     Sdm630,
+    /// Eastron SDM120, single-phase, FC04, float, 2400 baud by default.
+    Sdm120,
 }
 
 impl ProfileName {
-    pub const ALL: [ProfileName; 2] = [ProfileName::Dtsu666, ProfileName::Sdm630];
+    pub const ALL: [ProfileName; 6] = [
+        ProfileName::Dtsu666,
+        ProfileName::Ddsu666,
+        ProfileName::Adl400,
+        ProfileName::Adw300,
+        ProfileName::Sdm630,
+        ProfileName::Sdm120,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ProfileName::Dtsu666 => "dtsu666",
+            ProfileName::Ddsu666 => "ddsu666",
+            ProfileName::Adl400 => "adl400",
+            ProfileName::Adw300 => "adw300",
             ProfileName::Sdm630 => "sdm630",
+            ProfileName::Sdm120 => "sdm120",
         }
     }
 
-    pub fn profile(self) -> &'static Profile {
+    /// The serial line settings the meter ships with.
+    pub fn default_serial(self) -> (u32, Parity) {
         match self {
-            ProfileName::Dtsu666 => &DTSU666,
-            ProfileName::Sdm630 => &SDM630,
+            ProfileName::Sdm120 => (2400, Parity::None),
+            ProfileName::Adl400 => (9600, Parity::Even),
+            _ => (9600, Parity::None),
         }
     }
 }
@@ -56,13 +85,25 @@ impl std::str::FromStr for ProfileName {
             .find(|p| p.as_str() == s)
             .ok_or_else(|| {
                 let known: Vec<_> = ProfileName::ALL.iter().map(|p| p.as_str()).collect();
-                format!("unknown meter profile `{s}` (known: {})", known.join(", "))
+                format!(
+                    "unknown meter profile `{s}` (known: {}, generic)",
+                    known.join(", ")
+                )
             })
     }
 }
 
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
 /// Modbus read function.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum FunctionCode {
     /// FC03.
     ReadHoldingRegisters,
@@ -77,6 +118,14 @@ impl FunctionCode {
             FunctionCode::ReadInputRegisters => 4,
         }
     }
+
+    pub fn from_code(code: u8) -> Option<FunctionCode> {
+        match code {
+            3 => Some(FunctionCode::ReadHoldingRegisters),
+            4 => Some(FunctionCode::ReadInputRegisters),
+            _ => None,
+        }
+    }
 }
 
 /// One Modbus read request a poll of the meter makes.
@@ -87,8 +136,34 @@ pub struct RegisterRead {
     pub count: u16,
 }
 
+/// Register words returned by one [`RegisterRead`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadResult {
+    pub function: FunctionCode,
+    pub address: u16,
+    pub words: Vec<u16>,
+}
+
+/// How reads are coalesced for one device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Most registers in one request (at most 125; some meters take fewer).
+    pub max_registers: u16,
+    /// Most unused registers read between two fields to save a request.
+    pub max_gap: u16,
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_registers: MAX_REGISTERS_PER_READ,
+            max_gap: 16,
+        }
+    }
+}
+
 /// Instrument transformer ratios of one installed meter (primary/secondary),
-/// from the site file. Meters that report primary values ignore them.
+/// from the site file. Fields that report primary values ignore them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ratios {
     pub ct: f64,
@@ -101,67 +176,138 @@ impl Default for Ratios {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Quantity {
-    PowerTotal,
-    EnergyImport,
-    Voltage(usize),
-    Current(usize),
+/// What a field measures. Phases are 0-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Quantity {
+    /// Total active power, kW.
+    Power,
+    /// Imported active energy, kWh.
+    Energy,
+    /// Phase voltage, V.
+    Voltage(u8),
+    /// Phase current, A.
+    Current(u8),
     PowerFactor,
 }
 
-/// How a raw register value becomes an engineering value:
-/// `raw * factor * (ct if times_ct) * (pt if times_pt)`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Scale {
-    factor: f64,
-    times_ct: bool,
-    times_pt: bool,
+/// The encoding of a value in consecutive registers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ValueType {
+    U16,
+    I16,
+    U32,
+    I32,
+    F32,
+    F64,
 }
 
-impl Scale {
-    const fn fixed(factor: f64) -> Scale {
-        Scale {
-            factor,
-            times_ct: false,
-            times_pt: false,
+impl ValueType {
+    pub fn registers(self) -> u16 {
+        match self {
+            ValueType::U16 | ValueType::I16 => 1,
+            ValueType::U32 | ValueType::I32 | ValueType::F32 => 2,
+            ValueType::F64 => 4,
         }
     }
+}
 
-    fn multiplier(&self, ratios: Ratios) -> f64 {
-        let mut m = self.factor;
-        if self.times_ct {
-            m *= ratios.ct;
-        }
-        if self.times_pt {
-            m *= ratios.pt;
-        }
-        m
+impl std::str::FromStr for ValueType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "u16" => ValueType::U16,
+            "i16" => ValueType::I16,
+            "u32" => ValueType::U32,
+            "i32" => ValueType::I32,
+            "f32" => ValueType::F32,
+            "f64" => ValueType::F64,
+            _ => return Err(format!("unknown type `{s}` (u16, i16, u32, i32, f32, f64)")),
+        })
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Field {
-    quantity: Quantity,
-    /// First of the two registers holding a big-endian (ABCD) f32.
-    address: u16,
-    scale: Scale,
+/// Byte order of a multi-register value, named by where the bytes of the
+/// big-endian value `A B C D` land in the registers as read:
+/// `ABCD` big-endian, high word first (the Modbus norm); `CDAB` low word
+/// first; `BADC` bytes swapped within each word; `DCBA` little-endian. For
+/// 64-bit values the same pattern applies to four words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WordOrder {
+    Abcd,
+    Cdab,
+    Badc,
+    Dcba,
 }
 
-/// The register map of one meter model.
-#[derive(Debug)]
-pub struct Profile {
-    pub name: ProfileName,
+impl std::str::FromStr for WordOrder {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "ABCD" => WordOrder::Abcd,
+            "CDAB" => WordOrder::Cdab,
+            "BADC" => WordOrder::Badc,
+            "DCBA" => WordOrder::Dcba,
+            _ => return Err(format!("unknown word order `{s}` (ABCD, CDAB, BADC, DCBA)")),
+        })
+    }
+}
+
+/// Which transformer ratios multiply a field (meters that report
+/// secondary-side values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RatioUse {
+    None,
+    Ct,
+    Pt,
+    CtPt,
+}
+
+/// One quantity in a meter's registers:
+/// `value = raw * scale * ratios + offset`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Field {
+    pub quantity: Quantity,
     pub function: FunctionCode,
-    fields: &'static [Field],
-    reads: &'static [(u16, u16)],
+    pub address: u16,
+    pub value_type: ValueType,
+    pub word_order: WordOrder,
+    pub scale: f64,
+    pub offset: f64,
+    pub ratios: RatioUse,
+}
+
+impl Field {
+    fn multiplier(&self, ratios: Ratios) -> f64 {
+        self.scale
+            * match self.ratios {
+                RatioUse::None => 1.0,
+                RatioUse::Ct => ratios.ct,
+                RatioUse::Pt => ratios.pt,
+                RatioUse::CtPt => ratios.ct * ratios.pt,
+            }
+    }
+
+    fn end(&self) -> u32 {
+        u32::from(self.address) + u32::from(self.value_type.registers())
+    }
+}
+
+/// The register map of one meter: a built-in model or a generic map from
+/// the site file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    /// `dtsu666`, ..., or `generic`.
+    pub name: String,
+    pub fields: Vec<Field>,
 }
 
 /// Why registers did not decode.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ProfileError {
-    #[error("register {address:#06x} was not in any read block")]
-    MissingRegister { address: u16 },
+    #[error("register {address:#06x} (FC{function:02}) was not in any read block")]
+    MissingRegister { function: u8, address: u16 },
     #[error("read block at {address:#06x} returned {got} registers, expected {expected}")]
     ShortRead {
         address: u16,
@@ -172,184 +318,179 @@ pub enum ProfileError {
     NotFinite { address: u16 },
 }
 
-// CHINT DTSU666: U = raw * PT * 0.1 V, I = raw * CT * 0.001 A,
-// P = raw * PT * CT * 0.1 W (so * 0.0001 for kW), PF = raw * 0.001.
-// Energy registers hold kWh; vendors and emulators disagree on whether they
-// are primary or secondary side, so they are taken as-is (primary).
-const DTSU_U: Scale = Scale {
-    factor: 0.1,
-    times_ct: false,
-    times_pt: true,
-};
-const DTSU_I: Scale = Scale {
-    factor: 0.001,
-    times_ct: true,
-    times_pt: false,
-};
-const DTSU_P_KW: Scale = Scale {
-    factor: 0.0001,
-    times_ct: true,
-    times_pt: true,
-};
-
-static DTSU666_FIELDS: [Field; 9] = [
+const fn field(
+    quantity: Quantity,
+    function: FunctionCode,
+    address: u16,
+    value_type: ValueType,
+    scale: f64,
+    ratios: RatioUse,
+) -> Field {
     Field {
-        quantity: Quantity::Voltage(0),
-        address: 0x2006,
-        scale: DTSU_U,
-    },
-    Field {
-        quantity: Quantity::Voltage(1),
-        address: 0x2008,
-        scale: DTSU_U,
-    },
-    Field {
-        quantity: Quantity::Voltage(2),
-        address: 0x200A,
-        scale: DTSU_U,
-    },
-    Field {
-        quantity: Quantity::Current(0),
-        address: 0x200C,
-        scale: DTSU_I,
-    },
-    Field {
-        quantity: Quantity::Current(1),
-        address: 0x200E,
-        scale: DTSU_I,
-    },
-    Field {
-        quantity: Quantity::Current(2),
-        address: 0x2010,
-        scale: DTSU_I,
-    },
-    Field {
-        quantity: Quantity::PowerTotal,
-        address: 0x2012,
-        scale: DTSU_P_KW,
-    },
-    Field {
-        quantity: Quantity::PowerFactor,
-        address: 0x202A,
-        scale: Scale::fixed(0.001),
-    },
-    Field {
-        quantity: Quantity::EnergyImport,
-        address: 0x401E,
-        scale: Scale::fixed(1.0),
-    },
-];
-
-static DTSU666: Profile = Profile {
-    name: ProfileName::Dtsu666,
-    function: FunctionCode::ReadHoldingRegisters,
-    fields: &DTSU666_FIELDS,
-    // Uab..PFt in one read, the import energy in another.
-    reads: &[(0x2000, 0x2C), (0x401E, 2)],
-};
-
-static SDM630_FIELDS: [Field; 9] = [
-    Field {
-        quantity: Quantity::Voltage(0),
-        address: 0x00,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::Voltage(1),
-        address: 0x02,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::Voltage(2),
-        address: 0x04,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::Current(0),
-        address: 0x06,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::Current(1),
-        address: 0x08,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::Current(2),
-        address: 0x0A,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::PowerTotal,
-        address: 0x34,
-        scale: Scale::fixed(0.001),
-    },
-    Field {
-        quantity: Quantity::PowerFactor,
-        address: 0x3E,
-        scale: Scale::fixed(1.0),
-    },
-    Field {
-        quantity: Quantity::EnergyImport,
-        address: 0x48,
-        scale: Scale::fixed(1.0),
-    },
-];
-
-static SDM630: Profile = Profile {
-    name: ProfileName::Sdm630,
-    function: FunctionCode::ReadInputRegisters,
-    fields: &SDM630_FIELDS,
-    // Voltages through import energy in one read of 74 registers.
-    reads: &[(0x00, 0x4A)],
-};
-
-/// Register words returned by one [`RegisterRead`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReadResult {
-    pub address: u16,
-    pub words: Vec<u16>,
+        quantity,
+        function,
+        address,
+        value_type,
+        word_order: WordOrder::Abcd,
+        scale,
+        offset: 0.0,
+        ratios,
+    }
 }
 
 impl Profile {
-    /// The reads one poll makes, in order.
-    pub fn reads(&self) -> impl Iterator<Item = RegisterRead> + '_ {
-        self.reads.iter().map(|&(address, count)| RegisterRead {
-            function: self.function,
-            address,
-            count,
-        })
+    /// The register map of a built-in model (DOMAIN.md, "Meter register
+    /// maps").
+    pub fn builtin(name: ProfileName) -> Profile {
+        use FunctionCode::{ReadHoldingRegisters as Fc3, ReadInputRegisters as Fc4};
+        use Quantity::*;
+        use RatioUse::{Ct, CtPt, Pt};
+        use ValueType::{F32, I16, I32, U16, U32};
+        let none = RatioUse::None;
+        let fields = match name {
+            // U = raw * PT * 0.1 V, I = raw * CT * 0.001 A, P = raw * PT *
+            // CT * 0.1 W. Energy registers hold kWh; vendors and emulators
+            // disagree on the side, so they are taken as primary.
+            ProfileName::Dtsu666 => vec![
+                field(Voltage(0), Fc3, 0x2006, F32, 0.1, Pt),
+                field(Voltage(1), Fc3, 0x2008, F32, 0.1, Pt),
+                field(Voltage(2), Fc3, 0x200A, F32, 0.1, Pt),
+                field(Current(0), Fc3, 0x200C, F32, 0.001, Ct),
+                field(Current(1), Fc3, 0x200E, F32, 0.001, Ct),
+                field(Current(2), Fc3, 0x2010, F32, 0.001, Ct),
+                field(Power, Fc3, 0x2012, F32, 0.0001, CtPt),
+                field(PowerFactor, Fc3, 0x202A, F32, 0.001, none),
+                field(Energy, Fc3, 0x401E, F32, 1.0, none),
+            ],
+            ProfileName::Ddsu666 => vec![
+                field(Voltage(0), Fc4, 0x2000, F32, 1.0, none),
+                field(Current(0), Fc4, 0x2002, F32, 1.0, none),
+                field(Power, Fc4, 0x2004, F32, 1.0, none),
+                field(PowerFactor, Fc4, 0x200A, F32, 1.0, none),
+                field(Energy, Fc4, 0x4000, F32, 1.0, none),
+            ],
+            // Integer registers are secondary-side values.
+            ProfileName::Adl400 => vec![
+                field(Energy, Fc3, 0x000A, U32, 0.01, CtPt),
+                field(Voltage(0), Fc3, 0x0061, U16, 0.1, Pt),
+                field(Voltage(1), Fc3, 0x0062, U16, 0.1, Pt),
+                field(Voltage(2), Fc3, 0x0063, U16, 0.1, Pt),
+                field(Current(0), Fc3, 0x0064, U16, 0.01, Ct),
+                field(Current(1), Fc3, 0x0065, U16, 0.01, Ct),
+                field(Current(2), Fc3, 0x0066, U16, 0.01, Ct),
+                field(Power, Fc3, 0x016A, I32, 0.001, CtPt),
+                field(PowerFactor, Fc3, 0x017F, I16, 0.001, none),
+            ],
+            ProfileName::Adw300 => vec![
+                field(Voltage(0), Fc3, 20, U16, 0.1, none),
+                field(Voltage(1), Fc3, 21, U16, 0.1, none),
+                field(Voltage(2), Fc3, 22, U16, 0.1, none),
+                field(Current(0), Fc3, 26, U16, 0.01, none),
+                field(Current(1), Fc3, 27, U16, 0.01, none),
+                field(Current(2), Fc3, 28, U16, 0.01, none),
+                field(Power, Fc3, 36, I32, 0.001, none),
+                field(Energy, Fc3, 62, U32, 0.01, none),
+            ],
+            ProfileName::Sdm630 => vec![
+                field(Voltage(0), Fc4, 0x00, F32, 1.0, none),
+                field(Voltage(1), Fc4, 0x02, F32, 1.0, none),
+                field(Voltage(2), Fc4, 0x04, F32, 1.0, none),
+                field(Current(0), Fc4, 0x06, F32, 1.0, none),
+                field(Current(1), Fc4, 0x08, F32, 1.0, none),
+                field(Current(2), Fc4, 0x0A, F32, 1.0, none),
+                field(Power, Fc4, 0x34, F32, 0.001, none),
+                field(PowerFactor, Fc4, 0x3E, F32, 1.0, none),
+                field(Energy, Fc4, 0x48, F32, 1.0, none),
+            ],
+            ProfileName::Sdm120 => vec![
+                field(Voltage(0), Fc4, 0x00, F32, 1.0, none),
+                field(Current(0), Fc4, 0x06, F32, 1.0, none),
+                field(Power, Fc4, 0x0C, F32, 0.001, none),
+                field(PowerFactor, Fc4, 0x1E, F32, 1.0, none),
+                field(Energy, Fc4, 0x48, F32, 1.0, none),
+            ],
+        };
+        Profile {
+            name: name.as_str().to_string(),
+            fields,
+        }
     }
 
-    /// Decodes the results of [`Profile::reads`] (same order) into values.
-    pub fn decode(&self, results: &[ReadResult], ratios: Ratios) -> Result<Values, ProfileError> {
-        for (read, result) in self.reads().zip(results) {
-            if result.words.len() != usize::from(read.count) {
-                return Err(ProfileError::ShortRead {
-                    address: read.address,
-                    got: result.words.len(),
-                    expected: read.count,
-                });
+    /// The reads one poll makes, coalesced within `limits`, ordered by
+    /// function code and address.
+    pub fn reads(&self, limits: ReadLimits) -> Vec<RegisterRead> {
+        let max_registers = u32::from(limits.max_registers.clamp(4, MAX_REGISTERS_PER_READ));
+        let mut fields: Vec<&Field> = self.fields.iter().collect();
+        fields.sort_by_key(|f| (f.function, f.address));
+        let mut reads: Vec<RegisterRead> = Vec::new();
+        for f in fields {
+            if let Some(last) = reads.last_mut() {
+                let last_end = u32::from(last.address) + u32::from(last.count);
+                let gap = i64::from(f.address) - i64::from(last_end);
+                let merged = f.end().max(last_end) - u32::from(last.address);
+                if last.function == f.function
+                    && gap <= i64::from(limits.max_gap)
+                    && merged <= max_registers
+                {
+                    last.count = merged as u16;
+                    continue;
+                }
             }
+            reads.push(RegisterRead {
+                function: f.function,
+                address: f.address,
+                count: f.value_type.registers(),
+            });
         }
+        reads
+    }
+
+    /// Decodes the results of [`Profile::reads`] into values.
+    pub fn decode(&self, results: &[ReadResult], ratios: Ratios) -> Result<Values, ProfileError> {
+        let phases = |pick: fn(Quantity) -> Option<u8>| {
+            self.fields
+                .iter()
+                .filter_map(|f| pick(f.quantity))
+                .map(|p| usize::from(p) + 1)
+                .max()
+                .unwrap_or(0)
+        };
         let mut values = Values {
-            voltage_v: vec![0.0; 3],
-            current_a: vec![0.0; 3],
+            voltage_v: vec![
+                0.0;
+                phases(|q| match q {
+                    Quantity::Voltage(p) => Some(p),
+                    _ => None,
+                })
+            ],
+            current_a: vec![
+                0.0;
+                phases(|q| match q {
+                    Quantity::Current(p) => Some(p),
+                    _ => None,
+                })
+            ],
             ..Values::default()
         };
-        for field in self.fields {
-            let raw = f64::from(read_f32_abcd(results, field.address)?);
-            let value = raw * field.scale.multiplier(ratios);
+        for field in &self.fields {
+            let mut words = [0u16; 4];
+            let n = usize::from(field.value_type.registers());
+            for (i, word) in words[..n].iter_mut().enumerate() {
+                *word = register(results, field.function, field.address + i as u16)?;
+            }
+            let value = raw_value(field.value_type, field.word_order, &words[..n])
+                * field.multiplier(ratios)
+                + field.offset;
             if !value.is_finite() {
                 return Err(ProfileError::NotFinite {
                     address: field.address,
                 });
             }
             match field.quantity {
-                Quantity::PowerTotal => values.power_kw = Some(value as f32),
-                Quantity::EnergyImport => values.energy_kwh = Some(value),
-                Quantity::Voltage(phase) => values.voltage_v[phase] = value as f32,
-                Quantity::Current(phase) => values.current_a[phase] = value as f32,
+                Quantity::Power => values.power_kw = Some(value as f32),
+                Quantity::Energy => values.energy_kwh = Some(value),
+                Quantity::Voltage(p) => values.voltage_v[usize::from(p)] = value as f32,
+                Quantity::Current(p) => values.current_a[usize::from(p)] = value as f32,
                 Quantity::PowerFactor => values.power_factor = Some(value as f32),
             }
         }
@@ -357,202 +498,101 @@ impl Profile {
     }
 
     /// The register words a meter of this model shows for `values`: the
-    /// inverse of [`Profile::decode`], for simulators. Returns
-    /// `(address, word)` pairs.
-    pub fn encode(&self, values: &Values, ratios: Ratios) -> Vec<(u16, u16)> {
-        let mut words = Vec::with_capacity(self.fields.len() * 2);
-        for field in self.fields {
+    /// inverse of [`Profile::decode`], for simulators. Integer types round
+    /// and saturate.
+    pub fn encode(&self, values: &Values, ratios: Ratios) -> Vec<(FunctionCode, u16, u16)> {
+        let mut out = Vec::new();
+        for field in &self.fields {
             let value = match field.quantity {
-                Quantity::PowerTotal => values.power_kw.map(f64::from),
-                Quantity::EnergyImport => values.energy_kwh,
-                Quantity::Voltage(phase) => values.voltage_v.get(phase).map(|&v| f64::from(v)),
-                Quantity::Current(phase) => values.current_a.get(phase).map(|&v| f64::from(v)),
+                Quantity::Power => values.power_kw.map(f64::from),
+                Quantity::Energy => values.energy_kwh,
+                Quantity::Voltage(p) => values.voltage_v.get(usize::from(p)).map(|&v| f64::from(v)),
+                Quantity::Current(p) => values.current_a.get(usize::from(p)).map(|&v| f64::from(v)),
                 Quantity::PowerFactor => values.power_factor.map(f64::from),
             }
             .unwrap_or(0.0);
-            let raw = (value / field.scale.multiplier(ratios)) as f32;
-            let bits = raw.to_bits();
-            words.push((field.address, (bits >> 16) as u16));
-            words.push((field.address + 1, bits as u16));
+            let raw = (value - field.offset) / field.multiplier(ratios);
+            for (i, word) in raw_words(field.value_type, field.word_order, raw)
+                .into_iter()
+                .enumerate()
+            {
+                out.push((field.function, field.address + i as u16, word));
+            }
         }
-        words
+        out
     }
 }
 
-fn register(results: &[ReadResult], address: u16) -> Result<u16, ProfileError> {
-    results
-        .iter()
-        .find_map(|r| {
-            let offset = usize::from(address.checked_sub(r.address)?);
-            r.words.get(offset).copied()
-        })
-        .ok_or(ProfileError::MissingRegister { address })
+fn register(
+    results: &[ReadResult],
+    function: FunctionCode,
+    address: u16,
+) -> Result<u16, ProfileError> {
+    let missing = ProfileError::MissingRegister {
+        function: function.code(),
+        address,
+    };
+    for r in results.iter().filter(|r| r.function == function) {
+        if let Some(offset) = address.checked_sub(r.address) {
+            if let Some(word) = r.words.get(usize::from(offset)) {
+                return Ok(*word);
+            }
+        }
+    }
+    Err(missing)
 }
 
-fn read_f32_abcd(results: &[ReadResult], address: u16) -> Result<f32, ProfileError> {
-    let high = register(results, address)?;
-    let low = register(results, address + 1)?;
-    Ok(f32::from_bits((u32::from(high) << 16) | u32::from(low)))
+/// Puts the registers' bytes back into big-endian order.
+fn big_endian_bytes(order: WordOrder, words: &[u16]) -> Vec<u8> {
+    let mut bytes: Vec<u8> = words.iter().flat_map(|w| w.to_be_bytes()).collect();
+    match order {
+        WordOrder::Abcd => {}
+        WordOrder::Dcba => bytes.reverse(),
+        WordOrder::Badc => bytes.chunks_mut(2).for_each(|c| c.swap(0, 1)),
+        WordOrder::Cdab => {
+            let mut swapped: Vec<u8> = bytes.chunks(2).rev().flatten().copied().collect();
+            std::mem::swap(&mut bytes, &mut swapped);
+        }
+    }
+    bytes
+}
+
+/// The inverse of [`big_endian_bytes`]: each order is its own inverse.
+fn words_from_big_endian(order: WordOrder, bytes: &[u8]) -> Vec<u16> {
+    let words: Vec<u16> = bytes
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    big_endian_bytes(order, &words)
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect()
+}
+
+fn raw_value(value_type: ValueType, order: WordOrder, words: &[u16]) -> f64 {
+    let b = big_endian_bytes(order, words);
+    match value_type {
+        ValueType::U16 => f64::from(u16::from_be_bytes([b[0], b[1]])),
+        ValueType::I16 => f64::from(i16::from_be_bytes([b[0], b[1]])),
+        ValueType::U32 => f64::from(u32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        ValueType::I32 => f64::from(i32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        ValueType::F32 => f64::from(f32::from_be_bytes([b[0], b[1], b[2], b[3]])),
+        ValueType::F64 => f64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
+    }
+}
+
+fn raw_words(value_type: ValueType, order: WordOrder, raw: f64) -> Vec<u16> {
+    let bytes: Vec<u8> = match value_type {
+        // `as` rounds toward zero and saturates; round first.
+        ValueType::U16 => (raw.round() as u16).to_be_bytes().to_vec(),
+        ValueType::I16 => (raw.round() as i16).to_be_bytes().to_vec(),
+        ValueType::U32 => (raw.round() as u32).to_be_bytes().to_vec(),
+        ValueType::I32 => (raw.round() as i32).to_be_bytes().to_vec(),
+        ValueType::F32 => (raw as f32).to_be_bytes().to_vec(),
+        ValueType::F64 => raw.to_be_bytes().to_vec(),
+    };
+    words_from_big_endian(order, &bytes)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn image(profile: &Profile, words: &[(u16, u16)]) -> Vec<ReadResult> {
-        profile
-            .reads()
-            .map(|read| ReadResult {
-                address: read.address,
-                words: (read.address..read.address + read.count)
-                    .map(|a| words.iter().find(|(w, _)| *w == a).map_or(0, |(_, v)| *v))
-                    .collect(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn reads_cover_every_field_within_the_modbus_limit() {
-        for name in ProfileName::ALL {
-            let profile = name.profile();
-            for read in profile.reads() {
-                assert!(read.count <= MAX_REGISTERS_PER_READ, "{name:?} {read:?}");
-            }
-            for field in profile.fields {
-                for address in [field.address, field.address + 1] {
-                    assert!(
-                        profile
-                            .reads()
-                            .any(|r| address >= r.address && address < r.address + r.count),
-                        "{name:?} register {address:#x} not read"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn dtsu666_reads_holding_registers_at_the_documented_addresses() {
-        let reads: Vec<_> = DTSU666.reads().collect();
-        assert_eq!(reads[0].function.code(), 3);
-        // The DOMAIN.md example frame `01 03 20 12 00 02` reads Pt at 0x2012.
-        assert!(DTSU666_FIELDS
-            .iter()
-            .any(|f| f.quantity == Quantity::PowerTotal && f.address == 0x2012));
-        assert!(DTSU666_FIELDS
-            .iter()
-            .any(|f| f.quantity == Quantity::EnergyImport && f.address == 0x401E));
-    }
-
-    #[test]
-    fn dtsu666_scales_secondary_values_by_ct_and_pt() {
-        // Raw secondary-side floats: 2250.0 voltage * PT 1 * 0.1 = 225 V;
-        // 1000.0 current * CT 40 * 0.001 = 40 A; 2000.0 power * PT 1 * CT 40
-        // * 0.1 W = 8 kW; 864.0 PF * 0.001 = 0.864.
-        let words = [
-            (0x2006, 0x450C),
-            (0x2007, 0xA000),
-            (0x200C, 0x447A), // 1000.0 raw current: 1000 * 40 * 0.001 = 40 A
-            (0x200D, 0x0000),
-            (0x2012, 0x44FA),
-            (0x2013, 0x0000),
-            (0x202A, 0x4458), // 864.0 raw PF: 0.864
-            (0x202B, 0x0000),
-            (0x401E, 0x4640), // 12288.0 kWh
-            (0x401F, 0x0000),
-        ];
-        let ratios = Ratios { ct: 40.0, pt: 1.0 };
-        let values = DTSU666.decode(&image(&DTSU666, &words), ratios).unwrap();
-        assert_eq!(values.power_kw, Some(8.0));
-        assert_eq!(values.voltage_v[0], 225.0);
-        assert_eq!(values.current_a[0], 40.0);
-        assert_eq!(values.power_factor, Some(0.864));
-        assert_eq!(values.energy_kwh, Some(12288.0));
-    }
-
-    #[test]
-    fn sdm630_reads_input_registers_in_engineering_units() {
-        assert_eq!(SDM630.reads().next().unwrap().function.code(), 4);
-        let words = [
-            (0x00, 0x4366), // 230.0 V
-            (0x01, 0x0000),
-            (0x34, 0x45FA), // 8000.0 W = 8 kW
-            (0x35, 0x0000),
-            (0x3E, 0x3F40), // 0.75
-            (0x3F, 0x0000),
-            (0x48, 0x4120), // 10.0 kWh
-            (0x49, 0x0000),
-        ];
-        // Ratios do not apply to a meter that reports primary values.
-        let ratios = Ratios { ct: 40.0, pt: 10.0 };
-        let values = SDM630.decode(&image(&SDM630, &words), ratios).unwrap();
-        assert_eq!(values.power_kw, Some(8.0));
-        assert_eq!(values.voltage_v[0], 230.0);
-        assert_eq!(values.power_factor, Some(0.75));
-        assert_eq!(values.energy_kwh, Some(10.0));
-    }
-
-    #[test]
-    fn encode_then_decode_round_trips() {
-        let values = Values {
-            power_kw: Some(17.5),
-            energy_kwh: Some(1234.5),
-            voltage_v: vec![221.0, 224.5, 226.0],
-            current_a: vec![30.5, 31.0, 29.75],
-            power_factor: Some(0.85),
-        };
-        for name in ProfileName::ALL {
-            let profile = name.profile();
-            let ratios = Ratios { ct: 40.0, pt: 1.0 };
-            let decoded = profile
-                .decode(&image(profile, &profile.encode(&values, ratios)), ratios)
-                .unwrap();
-            let close = |a: f32, b: f32| (a - b).abs() < 1e-3 * b.abs().max(1.0);
-            assert!(
-                close(decoded.power_kw.unwrap(), 17.5),
-                "{name:?} {decoded:?}"
-            );
-            assert!(
-                close(decoded.power_factor.unwrap(), 0.85),
-                "{name:?} {decoded:?}"
-            );
-            assert!(
-                (decoded.energy_kwh.unwrap() - 1234.5).abs() < 0.1,
-                "{name:?}"
-            );
-            for (got, want) in decoded.voltage_v.iter().zip(&values.voltage_v) {
-                assert!(close(*got, *want), "{name:?} {decoded:?}");
-            }
-            for (got, want) in decoded.current_a.iter().zip(&values.current_a) {
-                assert!(close(*got, *want), "{name:?} {decoded:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn nan_register_is_a_decode_error() {
-        let words = [(0x34, 0x7FC0), (0x35, 0x0000)];
-        assert_eq!(
-            SDM630.decode(&image(&SDM630, &words), Ratios::default()),
-            Err(ProfileError::NotFinite { address: 0x34 })
-        );
-    }
-
-    #[test]
-    fn short_read_is_a_decode_error() {
-        let results = vec![ReadResult {
-            address: 0,
-            words: vec![0; 10],
-        }];
-        assert!(matches!(
-            SDM630.decode(&results, Ratios::default()),
-            Err(ProfileError::ShortRead { got: 10, .. })
-        ));
-    }
-
-    #[test]
-    fn unknown_profile_name_lists_the_known_ones() {
-        let err = "dtsu999".parse::<ProfileName>().unwrap_err();
-        assert!(err.contains("dtsu999") && err.contains("sdm630"), "{err}");
-    }
-}
+mod tests;

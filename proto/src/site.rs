@@ -16,13 +16,14 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::profile::{ProfileName, Ratios};
+mod meter;
+
+pub use meter::{Meter, SerialLine, Transport};
 
 /// A configuration file that could not be used. Displays as
 /// `FILE: KEY: PROBLEM` (or `FILE: PROBLEM` when no key applies).
@@ -186,17 +187,6 @@ pub struct Gateway {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Meter {
-    pub id: String,
-    pub gateway: String,
-    pub profile: ProfileName,
-    /// Modbus TCP endpoint (a meter or a serial device server).
-    pub tcp: SocketAddr,
-    pub unit: u8,
-    pub ratios: Ratios,
-}
-
-#[derive(Debug, Clone, PartialEq)]
 pub struct Line {
     pub id: String,
     pub name: String,
@@ -323,60 +313,51 @@ impl Site {
         let mut ids = HashSet::new();
         for (i, m) in raw.meters.iter().enumerate() {
             let key = |k: &str| format!("meters[{i}].{k}");
-            validate_id(&m.id).map_err(|p| err(key("id"), p))?;
-            if !ids.insert(m.id.clone()) {
-                return Err(err(key("id"), format!("duplicate meter id `{}`", m.id)));
+            let id = meter::meter_id(m);
+            validate_id(id).map_err(|p| err(key("id"), p))?;
+            if !ids.insert(id.to_string()) {
+                return Err(err(key("id"), format!("duplicate meter id `{id}`")));
             }
-            if !gateways.iter().any(|g| g.id == m.gateway) {
+            if !gateways.iter().any(|g| g.id == meter::meter_gateway(m)) {
                 return Err(err(
                     key("gateway"),
-                    format!("gateway `{}` is not defined in [[gateways]]", m.gateway),
-                ));
-            }
-            let profile = m.profile.parse().map_err(|p| err(key("profile"), p))?;
-            let tcp = m.tcp.parse().map_err(|_| {
-                err(
-                    key("tcp"),
                     format!(
-                        "`{}` is not a HOST:PORT socket address (e.g. 192.168.1.20:502)",
-                        m.tcp
+                        "gateway `{}` is not defined in [[gateways]]",
+                        meter::meter_gateway(m)
                     ),
-                )
-            })?;
-            if m.unit == 0 || m.unit > 247 {
-                return Err(err(
-                    key("unit"),
-                    format!("unit id {} is outside 1..=247", m.unit),
                 ));
             }
-            if let Some(other) = meters
+            let gateway = gateways
                 .iter()
-                .find(|o: &&Meter| o.tcp == tcp && o.unit == m.unit)
-            {
+                .find(|g| g.id == meter::meter_gateway(m))
+                .expect("checked above");
+            let meter = meter::validate(m, gateway.modbus_timeout, file, &key)?;
+            if let Some(other) = meters.iter().find(|o: &&Meter| {
+                o.transport.bus() == meter.transport.bus() && o.unit == meter.unit
+            }) {
                 return Err(err(
                     key("unit"),
                     format!(
-                        "unit {} at {tcp} is already meter `{}`; one bus cannot tell them apart",
-                        m.unit, other.id
+                        "unit {} on {} is already meter `{}`; one bus cannot tell them apart",
+                        meter.unit,
+                        meter.transport.bus(),
+                        other.id
                     ),
                 ));
             }
-            for (name, value) in [("ct_ratio", m.ct_ratio), ("pt_ratio", m.pt_ratio)] {
-                if !(value.is_finite() && value > 0.0) {
-                    return Err(err(key(name), format!("{value} must be a positive number")));
-                }
+            if let Some(other) = meters.iter().find(|o: &&Meter| {
+                o.transport.bus() == meter.transport.bus() && o.transport != meter.transport
+            }) {
+                return Err(err(
+                    key("baud"),
+                    format!(
+                        "line settings differ from meter `{}` on the same bus {}",
+                        other.id,
+                        meter.transport.bus()
+                    ),
+                ));
             }
-            meters.push(Meter {
-                id: m.id.clone(),
-                gateway: m.gateway.clone(),
-                profile,
-                tcp,
-                unit: m.unit,
-                ratios: Ratios {
-                    ct: m.ct_ratio,
-                    pt: m.pt_ratio,
-                },
-            });
+            meters.push(meter);
         }
 
         let mut lines = Vec::new();
@@ -537,7 +518,7 @@ mod raw {
         #[serde(default)]
         pub(super) gateways: Vec<GatewaySection>,
         #[serde(default)]
-        pub(super) meters: Vec<MeterSection>,
+        pub(super) meters: Vec<super::meter::MeterSection>,
         #[serde(default)]
         pub(super) lines: Vec<LineSection>,
         #[serde(default)]
@@ -577,24 +558,6 @@ mod raw {
     }
     fn default_batch_interval_secs() -> u64 {
         60
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct MeterSection {
-        pub(super) id: String,
-        pub(super) gateway: String,
-        pub(super) profile: String,
-        pub(super) tcp: String,
-        pub(super) unit: u8,
-        #[serde(default = "one")]
-        pub(super) ct_ratio: f64,
-        #[serde(default = "one")]
-        pub(super) pt_ratio: f64,
-    }
-
-    fn one() -> f64 {
-        1.0
     }
 
     #[derive(Deserialize)]
@@ -726,7 +689,10 @@ stop_threshold_kw = 2
         assert_eq!(site.time_zone, chrono_tz::Asia::Shanghai);
         assert_eq!(site.gateways[0].poll_interval, Duration::from_secs(30));
         assert_eq!(site.gateways[0].modbus_timeout, Duration::from_millis(1000));
-        assert_eq!(site.meters[0].ratios, Ratios { ct: 40.0, pt: 1.0 });
+        assert_eq!(
+            site.meters[0].ratios,
+            crate::profile::Ratios { ct: 40.0, pt: 1.0 }
+        );
         let stenter = &site.lines[0].facilities[0];
         assert_eq!(stenter.stop_threshold_kw, 16.0);
         assert_eq!(stenter.role(), Role::Production);
@@ -739,20 +705,21 @@ stop_threshold_kw = 2
     }
 
     #[test]
-    fn unknown_key_is_named_with_file_and_line() {
-        let text = EXAMPLE.replace("unit = 2", "unit = 2\nbaud = 9600");
-        let err = error_of(&text);
-        assert!(err.starts_with("site.toml: "), "{err}");
-        assert!(err.contains("unknown field `baud`"), "{err}");
-        assert!(err.contains("line "), "{err}");
+    fn unknown_key_is_named_with_file_table_and_line() {
+        let err = error_of(&EXAMPLE.replace("unit = 2", "unit = 2\nspeed = 9600"));
+        assert!(
+            err.starts_with("site.toml: meters[1].speed: unknown field `speed`, expected one of"),
+            "{err}"
+        );
+        assert!(err.ends_with("(line 24)"), "{err}");
     }
 
     #[test]
-    fn wrong_type_is_named() {
+    fn wrong_type_is_named_with_its_key_path() {
         let err = error_of(&EXAMPLE.replace("rated_kw = 22", "rated_kw = \"22\""));
-        assert!(
-            err.contains("site.toml") && err.contains("invalid type"),
-            "{err}"
+        assert_eq!(
+            err,
+            "site.toml: lines[0].facilities[1].rated_kw: invalid type: string \"22\", expected f64 (line 39)"
         );
     }
 
@@ -788,7 +755,153 @@ stop_threshold_kw = 2
         let err = error_of(&EXAMPLE.replace("unit = 2", "unit = 1"));
         assert_eq!(
             err,
-            "site.toml: meters[1].unit: unit 1 at 127.0.0.1:5020 is already meter `m-stenter`; one bus cannot tell them apart"
+            "site.toml: meters[1].unit: unit 1 on tcp://127.0.0.1:5020 is already meter `m-stenter`; one bus cannot tell them apart"
+        );
+    }
+
+    /// The example with meters[1]'s transport and unit replaced by
+    /// `fields`; a `[[meters.registers]]` in them makes it generic.
+    fn with_meter(fields: &str) -> String {
+        let mut text = EXAMPLE.replace("tcp = \"127.0.0.1:5020\"\nunit = 2", fields);
+        let generic = fields.contains("[[meters.registers]]") || fields.contains("# generic");
+        if generic && !fields.contains("# builtin") {
+            text = text.replace("profile = \"sdm630\"", "profile = \"generic\"");
+        }
+        text
+    }
+
+    fn meter_error(fields: &str) -> String {
+        error_of(&with_meter(fields))
+    }
+
+    fn meter_of(fields: &str) -> Meter {
+        let text = with_meter(fields);
+        Site::from_toml(&text, "site.toml").unwrap().meters[1].clone()
+    }
+
+    #[test]
+    fn serial_meter_takes_its_profile_line_defaults() {
+        let meter = meter_of("serial = \"/dev/ttyUSB0\"\nunit = 2");
+        assert_eq!(
+            meter.transport,
+            Transport::Serial(SerialLine {
+                path: "/dev/ttyUSB0".into(),
+                baud: 9600,
+                parity: crate::profile::Parity::None,
+                data_bits: 8,
+                stop_bits: 1,
+            })
+        );
+        // 3.5 characters of 11 bits at 9600 baud.
+        assert_eq!(meter.transport.inter_frame_silence().as_micros(), 4010);
+        let meter = meter_of("serial = \"/dev/ttyS1\"\nbaud = 19200\nparity = \"even\"\nunit = 2");
+        match meter.transport {
+            Transport::Serial(line) => {
+                assert_eq!(
+                    (line.baud, line.parity),
+                    (19200, crate::profile::Parity::Even)
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rtu_over_tcp_meter_has_a_remote_baud() {
+        let meter = meter_of("rtu_over_tcp = \"10.0.0.5:4196\"\nbaud = 2400\nunit = 2");
+        assert_eq!(meter.transport.bus(), "rtu-over-tcp://10.0.0.5:4196");
+        assert_eq!(meter.transport.inter_frame_silence().as_micros(), 16041);
+    }
+
+    #[test]
+    fn transport_errors_name_the_key() {
+        assert_eq!(
+            meter_error("unit = 2"),
+            "site.toml: meters[1].tcp: give exactly one of `tcp`, `rtu_over_tcp` and `serial`"
+        );
+        assert_eq!(
+            meter_error("tcp = \"127.0.0.1:5021\"\nbaud = 9600\nunit = 2"),
+            "site.toml: meters[1].baud: applies only to a meter on a `serial` port"
+        );
+        assert_eq!(
+            meter_error("serial = \"/dev/ttyUSB0\"\nstop_bits = 3\nunit = 2"),
+            "site.toml: meters[1].stop_bits: 3 is not 1 or 2"
+        );
+        assert_eq!(
+            meter_error("serial = \"/dev/ttyUSB0\"\nparity = \"mark\"\nunit = 2"),
+            "site.toml: meters[1].parity: unknown variant `mark`, expected one of `none`, `even`, `odd` (line 23)"
+        );
+    }
+
+    #[test]
+    fn meters_on_one_serial_port_must_agree_on_its_settings() {
+        let text = EXAMPLE
+            .replace(
+                "tcp = \"127.0.0.1:5020\"\nunit = 1",
+                "serial = \"/dev/ttyUSB0\"\nunit = 1",
+            )
+            .replace(
+                "tcp = \"127.0.0.1:5020\"\nunit = 2",
+                "serial = \"/dev/ttyUSB0\"\nbaud = 19200\nunit = 2",
+            );
+        assert_eq!(
+            error_of(&text),
+            "site.toml: meters[1].baud: line settings differ from meter `m-stenter` on the same bus serial:///dev/ttyUSB0"
+        );
+    }
+
+    #[test]
+    fn generic_meter_builds_its_profile_from_registers() {
+        let meter = meter_of(
+            "tcp = \"127.0.0.1:5021\"\nunit = 2\n\
+             [[meters.registers]]\nquantity = \"power\"\naddress = 0x16A\ntype = \"i32\"\n\
+             word_order = \"CDAB\"\nscale = 1\nunit = \"W\"\n\
+             [[meters.registers]]\nquantity = \"voltage\"\nphase = 2\naddress = 0x62\n\
+             function = 4\ntype = \"u16\"\nscale = 0.1\nunit = \"V\"",
+        )
+        .profile;
+        assert_eq!(meter.name, "generic");
+        let power = meter.fields[0];
+        assert_eq!(power.quantity, crate::profile::Quantity::Power);
+        assert_eq!(power.address, 0x16A);
+        assert_eq!(power.value_type, crate::profile::ValueType::I32);
+        assert_eq!(power.word_order, crate::profile::WordOrder::Cdab);
+        assert_eq!(power.scale, 0.001); // W to kW
+        let voltage = meter.fields[1];
+        assert_eq!(voltage.quantity, crate::profile::Quantity::Voltage(1));
+        assert_eq!(
+            voltage.function,
+            crate::profile::FunctionCode::ReadInputRegisters
+        );
+    }
+
+    #[test]
+    fn generic_meter_errors_name_the_register_key() {
+        let generic = |registers: &str| {
+            meter_error(&format!(
+                "tcp = \"127.0.0.1:5021\"\nunit = 2\n# generic\n{registers}"
+            ))
+        };
+        assert_eq!(
+            generic(""),
+            "site.toml: meters[1].registers: a generic meter needs a [[meters.registers]] with quantity = \"power\""
+        );
+        assert_eq!(
+            generic("[[meters.registers]]\nquantity = \"power\"\naddress = 1\nunit = \"kWh\""),
+            "site.toml: meters[1].registers[0].unit: `kWh` is not a unit of power (one of kW, W)"
+        );
+        assert_eq!(
+            generic("[[meters.registers]]\nquantity = \"power\"\naddress = 1\nunit = \"W\"\nword_order = \"ACBD\""),
+            "site.toml: meters[1].registers[0].word_order: unknown word order `ACBD` (ABCD, CDAB, BADC, DCBA)"
+        );
+        assert_eq!(
+            generic("[[meters.registers]]\nquantity = \"power\"\naddress = 1\nunit = \"W\"\nfunction = 6"),
+            "site.toml: meters[1].registers[0].function: 6 is not 3 or 4"
+        );
+        let builtin = meter_error("tcp = \"127.0.0.1:5021\"\nunit = 2\n# builtin\n[[meters.registers]]\nquantity = \"power\"\naddress = 1");
+        assert!(
+            builtin.starts_with("site.toml: meters[1].registers: only a `generic` meter"),
+            "{builtin}"
         );
     }
 

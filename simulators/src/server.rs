@@ -31,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use facwatch_proto::clock::Clock;
-use facwatch_proto::profile::{FunctionCode, Profile, Ratios, MAX_REGISTERS_PER_READ};
-use facwatch_proto::site::Site;
+use facwatch_proto::profile::{FunctionCode, Profile, Ratios, ReadLimits, MAX_REGISTERS_PER_READ};
+use facwatch_proto::site::{Site, Transport};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -90,10 +90,20 @@ pub enum SimError {
 pub async fn bind(site: &Site, ephemeral: bool) -> io::Result<(Vec<Endpoint>, Site)> {
     let mut groups: Vec<(SocketAddr, Vec<(u8, String)>)> = Vec::new();
     for meter in &site.meters {
-        let position = match groups.iter().position(|(addr, _)| *addr == meter.tcp) {
+        let Transport::Tcp(tcp) = meter.transport else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "meter `{}` is on {}: the simulator serves Modbus TCP only",
+                    meter.id,
+                    meter.transport.bus()
+                ),
+            ));
+        };
+        let position = match groups.iter().position(|(addr, _)| *addr == tcp) {
             Some(position) => position,
             None => {
-                groups.push((meter.tcp, Vec::new()));
+                groups.push((tcp, Vec::new()));
                 groups.len() - 1
             }
         };
@@ -102,8 +112,8 @@ pub async fn bind(site: &Site, ephemeral: bool) -> io::Result<(Vec<Endpoint>, Si
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "meters `{other}` and `{}` share endpoint {} and unit {}",
-                    meter.id, meter.tcp, meter.unit
+                    "meters `{other}` and `{}` share endpoint {tcp} and unit {}",
+                    meter.id, meter.unit
                 ),
             ));
         }
@@ -122,9 +132,13 @@ pub async fn bind(site: &Site, ephemeral: bool) -> io::Result<(Vec<Endpoint>, Si
             .await
             .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
         let local = listener.local_addr()?;
-        for meter in rewritten.meters.iter_mut().filter(|m| m.tcp == configured) {
+        for meter in rewritten
+            .meters
+            .iter_mut()
+            .filter(|m| m.transport == Transport::Tcp(configured))
+        {
             if ephemeral {
-                meter.tcp = local;
+                meter.transport = Transport::Tcp(local);
             }
         }
         endpoints.push(Endpoint {
@@ -164,7 +178,7 @@ pub async fn serve(
                 *unit,
                 ServedMeter {
                     id: meter.id.clone(),
-                    profile: meter.profile.profile(),
+                    profile: meter.profile.clone(),
                     ratios: meter.ratios,
                 },
             );
@@ -265,7 +279,7 @@ impl MonotoneClock {
 #[derive(Debug)]
 struct ServedMeter {
     id: String,
-    profile: &'static Profile,
+    profile: Profile,
     ratios: Ratios,
 }
 
@@ -339,17 +353,23 @@ fn answer(
         }
         _ => return Err(ExceptionCode::IllegalFunction),
     };
-    if function != meter.profile.function {
+    if !meter.profile.fields.iter().any(|f| f.function == function) {
         return Err(ExceptionCode::IllegalFunction);
     }
     if count == 0 || count > MAX_REGISTERS_PER_READ {
         return Err(ExceptionCode::IllegalDataValue);
     }
     let requested = u32::from(address)..u32::from(address) + u32::from(count);
+    // A real meter answers the whole documented block around its
+    // quantities, unused registers included: coalesce generously.
+    let blocks = meter.profile.reads(ReadLimits {
+        max_registers: MAX_REGISTERS_PER_READ,
+        max_gap: MAX_REGISTERS_PER_READ,
+    });
     let mapped = |register: u32| {
-        meter.profile.reads().any(|read| {
+        blocks.iter().any(|read| {
             let start = u32::from(read.address);
-            (start..start + u32::from(read.count)).contains(&register)
+            read.function == function && (start..start + u32::from(read.count)).contains(&register)
         })
     };
     if !requested.clone().all(mapped) {
@@ -362,6 +382,8 @@ fn answer(
         .profile
         .encode(&values, meter.ratios)
         .into_iter()
+        .filter(|(f, _, _)| *f == function)
+        .map(|(_, address, word)| (address, word))
         .collect();
     let words = requested
         .map(|register| image.get(&(register as u16)).copied().unwrap_or(0))
@@ -382,7 +404,7 @@ mod tests {
         let meter = scenario.site.meter(id).unwrap();
         ServedMeter {
             id: id.into(),
-            profile: meter.profile.profile(),
+            profile: meter.profile.clone(),
             ratios: meter.ratios,
         }
     }
@@ -393,7 +415,7 @@ mod tests {
         let plant = Plant::new(&scenario);
         let at = demo_ms("10:00:00");
         let stenter = served(&scenario, "l1-stenter");
-        assert_eq!(stenter.profile.name, ProfileName::Dtsu666);
+        assert_eq!(stenter.profile.name, ProfileName::Dtsu666.as_str());
         let ask = |meter: &ServedMeter, request: Request<'static>| {
             answer(meter, &plant, &scenario, &request, at)
         };
@@ -501,9 +523,9 @@ mod tests {
             let original = scenario.site.meter(&meter.id).unwrap();
             let endpoint = endpoints
                 .iter()
-                .find(|e| e.configured_addr() == original.tcp)
+                .find(|e| original.transport == Transport::Tcp(e.configured_addr()))
                 .unwrap();
-            assert_eq!(meter.tcp, endpoint.local_addr());
+            assert_eq!(meter.transport, Transport::Tcp(endpoint.local_addr()));
         }
     }
 }

@@ -63,10 +63,17 @@ async fn start_at(at: &str) -> Running {
     }
 }
 
+fn tcp_address(meter: &facwatch_proto::site::Meter) -> std::net::SocketAddr {
+    match meter.transport {
+        facwatch_proto::site::Transport::Tcp(address) => address,
+        ref other => panic!("{} is not on Modbus TCP: {other:?}", meter.id),
+    }
+}
+
 impl Running {
     async fn connect(&self, meter: &str) -> Context {
         let meter = self.site.meter(meter).unwrap();
-        tcp::connect_slave(meter.tcp, Slave(meter.unit))
+        tcp::connect_slave(tcp_address(meter), Slave(meter.unit))
             .await
             .unwrap()
     }
@@ -75,9 +82,9 @@ impl Running {
     /// profile, decoded with its ratios.
     async fn poll(&self, ctx: &mut Context, meter: &str) -> Values {
         let meter = self.site.meter(meter).unwrap();
-        let profile = meter.profile.profile();
+        let profile = &meter.profile;
         let mut results = Vec::new();
-        for read in profile.reads() {
+        for read in profile.reads(meter.read_limits) {
             let words = match read.function {
                 FunctionCode::ReadHoldingRegisters => {
                     ctx.read_holding_registers(read.address, read.count).await
@@ -87,6 +94,7 @@ impl Running {
                 }
             };
             results.push(ReadResult {
+                function: read.function,
                 address: read.address,
                 words: words.unwrap().unwrap(),
             });
@@ -256,7 +264,7 @@ async fn modbus_exception_fault_answers_its_code() {
 async fn shutdown_stops_serving_and_closes_connections() {
     bounded(async {
         let sim = start_at("10:00:00").await;
-        let addr = sim.site.meter("l1-stenter").unwrap().tcp;
+        let addr = tcp_address(sim.site.meter("l1-stenter").unwrap());
         let mut ctx = sim.connect("l1-stenter").await;
         assert!(ctx.read_holding_registers(0x2012, 2).await.unwrap().is_ok());
         sim.stop().await;

@@ -54,7 +54,17 @@ pub(crate) async fn run_meter(
     stop: CancellationToken,
 ) {
     let interval_ms = (plan.poll_interval.as_millis() as i64).max(1);
-    let mut link = ModbusLink::new(meter.tcp, plan.modbus_timeout);
+    let facwatch_proto::site::Transport::Tcp(address) = meter.transport else {
+        tracing::error!(
+            site = %plan.site,
+            gateway = %plan.gateway,
+            meter = %meter.id,
+            bus = %meter.transport.bus(),
+            "Only Modbus TCP is polled so far; this meter is not."
+        );
+        return;
+    };
+    let mut link = ModbusLink::new(address, plan.modbus_timeout);
     let mut last_slot = None;
     let mut last_quality: Option<Quality> = None;
     loop {

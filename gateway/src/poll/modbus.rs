@@ -71,9 +71,9 @@ impl ModbusLink {
         };
         context.set_slave(Slave(meter.unit));
 
-        let profile = meter.profile.profile();
+        let profile = &meter.profile;
         let mut results = Vec::new();
-        for read in profile.reads() {
+        for read in profile.reads(meter.read_limits) {
             match read_registers(
                 context,
                 read.function,
@@ -84,6 +84,7 @@ impl ModbusLink {
             .await
             {
                 Ok(words) => results.push(ReadResult {
+                    function: read.function,
                     address: read.address,
                     words,
                 }),
@@ -140,7 +141,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    use facwatch_proto::profile::{ProfileName, Ratios};
+    use facwatch_proto::profile::{Profile, ProfileName, Ratios};
     use facwatch_proto::wire::{Quality, Values};
     use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 
@@ -188,11 +189,15 @@ mod tests {
                 } else {
                     2.0
                 };
-                let image = ProfileName::Sdm630
-                    .profile()
-                    .encode(&values(power), Ratios::default());
+                let image =
+                    Profile::builtin(ProfileName::Sdm630).encode(&values(power), Ratios::default());
                 let words = (address..address + count)
-                    .map(|a| image.iter().find(|(r, _)| *r == a).map_or(0, |(_, w)| *w))
+                    .map(|a| {
+                        image
+                            .iter()
+                            .find(|(_, r, _)| *r == a)
+                            .map_or(0, |(_, _, w)| *w)
+                    })
                     .collect();
                 Ok(Response::ReadInputRegisters(words))
             })
@@ -229,10 +234,13 @@ mod tests {
         Meter {
             id: "m".into(),
             gateway: "gw".into(),
-            profile: ProfileName::Sdm630,
-            tcp: address,
+            profile: Profile::builtin(ProfileName::Sdm630),
+            transport: facwatch_proto::site::Transport::Tcp(address),
             unit,
             ratios: Ratios::default(),
+            read_limits: facwatch_proto::profile::ReadLimits::default(),
+            timeout: TIMEOUT,
+            retries: 0,
         }
     }
 
