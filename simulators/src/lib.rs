@@ -1,5 +1,6 @@
 //! facwatch simulators: the power meters of a plant, driven by a scenario,
-//! served over Modbus TCP on the shared virtual clock
+//! served over every transport of the site file (Modbus TCP, Modbus RTU
+//! over TCP, Modbus RTU on a serial port) on the shared virtual clock
 //! ([`facwatch_proto::clock::Clock`]), so the gateway and the ingest can be
 //! run and tested without hardware.
 //!
@@ -12,14 +13,14 @@
 //!   phase voltages, currents, energy) is a function of (seed, meter,
 //!   virtual time) alone, equal within a virtual second; energy counters
 //!   integrate the noiseless schedule and never go backwards.
-//! - [`server`]: one Modbus TCP listener per meter endpoint of the site
-//!   file, meters told apart by unit id. Each meter answers at its
-//!   profile's real addresses and function code with
-//!   [`facwatch_proto::profile::Profile::encode`] of its values (so the
-//!   gateway's decoding and the simulator's encoding share one table),
-//!   refuses what a real meter refuses with the same exception, ignores
-//!   unknown unit ids, and plays `meter_silent` (no reply, connection kept)
-//!   and `modbus_exception` faults.
+//! - [`server`]: one server per bus of the site file, meters told apart
+//!   by unit id. Each meter answers at its profile's real addresses and
+//!   function code with [`facwatch_proto::profile::Profile::encode`] of
+//!   its values (so the gateway's decoding and the simulator's encoding
+//!   share one table), refuses what a real meter refuses with the same
+//!   exception, ignores unknown unit ids and RTU frames with a bad CRC, and
+//!   plays the scenario's meter faults (`meter_silent`, `modbus_exception`,
+//!   `slow_reply`, `late_reply`, `bad_crc`).
 //!
 //! Usage: [`Scenario::load`], then [`bind`] (ephemeral for tests: the
 //! returned site points at the bound ports), then

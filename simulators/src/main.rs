@@ -1,5 +1,6 @@
-//! `facwatch-sim`: serves the meters of a scenario's site over Modbus TCP on
-//! a virtual clock until the scenario ends or SIGINT/SIGTERM.
+//! `facwatch-sim`: serves the meters of a scenario's site on every bus of
+//! the site file (Modbus TCP, RTU over TCP, RTU on serial ports) on a
+//! virtual clock until the scenario ends or SIGINT/SIGTERM.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,7 +11,7 @@ use chrono::{DateTime, SecondsFormat};
 use clap::{Parser, Subcommand, ValueEnum};
 use facwatch_proto::clock::{wall_now_ms, Clock};
 use facwatch_proto::site::ConfigError;
-use facwatch_sim::{bind, serve, Plant, Scenario};
+use facwatch_sim::{bind, serve, Endpoint, Plant, Scenario};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -21,7 +22,7 @@ const DEFAULT_SCENARIO: &str = include_str!("../default.scenario.toml");
 #[command(
     name = "facwatch-sim",
     version,
-    about = "Simulated plant power meters (Modbus TCP) driven by a scenario."
+    about = "Simulated plant power meters (Modbus TCP, RTU over TCP, RTU on serial ports) driven by a scenario."
 )]
 struct Cli {
     /// Scenario file (TOML); its `site_file` names the site file.
@@ -35,6 +36,11 @@ struct Cli {
     /// time_scale).
     #[arg(long, value_name = "X")]
     time_scale: Option<f64>,
+    /// Print one line per bus on stdout once all are bound, before
+    /// serving: `SERVED CONFIGURED UNIT=METER,...` (e.g.
+    /// `tcp://127.0.0.1:40123 tcp://127.0.0.1:0 1=l1-stenter,2=l1-pump`).
+    #[arg(long)]
+    print_endpoints: bool,
     /// Log format; levels come from RUST_LOG (default info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
@@ -96,7 +102,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(scenario, cli.clock_anchor_unix_ms, time_scale)) {
+    let options = RunOptions {
+        anchor: cli.clock_anchor_unix_ms,
+        time_scale,
+        print_endpoints: cli.print_endpoints,
+    };
+    match runtime.block_on(run(scenario, options)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -125,11 +136,23 @@ fn load(cli: &Cli) -> Result<(Scenario, f64), ConfigError> {
     Ok((scenario, time_scale))
 }
 
-async fn run(scenario: Scenario, anchor: Option<i64>, time_scale: f64) -> anyhow::Result<()> {
+struct RunOptions {
+    anchor: Option<i64>,
+    time_scale: f64,
+    print_endpoints: bool,
+}
+
+async fn run(scenario: Scenario, options: RunOptions) -> anyhow::Result<()> {
     let (endpoints, _) = bind(&scenario.site, false)
         .await
-        .context("binding the meter endpoints of the site file")?;
-    let anchor = anchor.unwrap_or_else(wall_now_ms);
+        .context("binding and opening the meter buses of the site file")?;
+    if options.print_endpoints {
+        for endpoint in &endpoints {
+            println!("{}", endpoint_line(endpoint));
+        }
+    }
+    let time_scale = options.time_scale;
+    let anchor = options.anchor.unwrap_or_else(wall_now_ms);
     let clock = Clock::simulated(scenario.start_ms, anchor, time_scale);
     let site = scenario.site.id.clone();
     let local = |ms: i64| {
@@ -174,6 +197,21 @@ async fn run(scenario: Scenario, anchor: Option<i64>, time_scale: f64) -> anyhow
     serve(Arc::new(scenario), clock, endpoints, shutdown).await?;
     info!(%site, "Stopped.");
     Ok(())
+}
+
+/// `SERVED CONFIGURED UNIT=METER,...`, for `--print-endpoints`.
+fn endpoint_line(endpoint: &Endpoint) -> String {
+    let units: Vec<String> = endpoint
+        .units()
+        .iter()
+        .map(|(unit, meter)| format!("{unit}={meter}"))
+        .collect();
+    format!(
+        "{} {} {}",
+        endpoint.served().bus(),
+        endpoint.configured().bus(),
+        units.join(",")
+    )
 }
 
 /// Resolves on SIGINT or SIGTERM, naming it.
@@ -250,12 +288,14 @@ mod tests {
             "60",
             "--log-format",
             "json",
+            "--print-endpoints",
         ])
         .unwrap();
         assert_eq!(cli.scenario, Some(PathBuf::from("s.toml")));
         assert_eq!(cli.clock_anchor_unix_ms, Some(1_700_000_000_000));
         assert_eq!(cli.time_scale, Some(60.0));
         assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(cli.print_endpoints);
         let cli =
             Cli::try_parse_from(["facwatch-sim", "check-config", "--scenario", "s.toml"]).unwrap();
         assert!(matches!(cli.command, Some(Command::CheckConfig)));

@@ -11,6 +11,10 @@
 //!   (`production_end < production_start` means it runs past midnight);
 //!   leads and lags are at most 12 hours;
 //! - every fault window is non-empty and overlaps the scenario's span;
+//! - a `slow_reply` delay is below the timeout of every meter it names
+//!   (the gateway still takes the answer) and a `late_reply` delay is
+//!   above it (the answer arrives after the gateway gave up), both at most
+//!   [`MAX_REPLY_DELAY_MS`];
 //! - facility overrides name distinct facilities and hold sane numbers;
 //! - no two meters of the site share one TCP endpoint and unit id (the
 //!   site file checks it: a real RS-485 bus could not tell them apart).
@@ -82,14 +86,42 @@ pub enum FaultEffect {
     MeterSilent { meters: Vec<String> },
     /// The meters answer every request with this Modbus exception code.
     ModbusException { meters: Vec<String>, code: u8 },
+    /// The meters answer correctly, `delay` (wall clock) after the request,
+    /// within their timeout.
+    SlowReply {
+        meters: Vec<String>,
+        delay: Duration,
+    },
+    /// The meters answer `delay` (wall clock) after the request, beyond
+    /// their timeout: the answer arrives when the gateway has given up.
+    LateReply {
+        meters: Vec<String>,
+        delay: Duration,
+    },
+    /// The meters answer with a corrupted CRC (RTU); on Modbus TCP, which
+    /// has no CRC, they do not answer.
+    BadCrc { meters: Vec<String> },
 }
 
-/// What a meter fault does to a request at some instant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MeterFault {
-    Silent,
-    Exception(u8),
+/// How a meter's faults change its answers at one instant. Several faults
+/// may overlap; [`MeterFaults::default`] is a healthy meter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MeterFaults {
+    /// No answer at all; wins over everything else (a meter that does not
+    /// answer cannot answer late or with an exception).
+    pub silent: bool,
+    /// Answer every request with this exception code (the first such fault
+    /// in the file wins).
+    pub exception: Option<u8>,
+    /// Corrupt the answer's CRC (RTU) or send nothing (Modbus TCP).
+    pub bad_crc: bool,
+    /// Wall-clock wait before answering: the longest of the overlapping
+    /// `slow_reply` and `late_reply` delays, zero without them.
+    pub delay: Duration,
 }
+
+/// The longest `delay_ms` of a `slow_reply` or `late_reply` fault.
+pub const MAX_REPLY_DELAY_MS: u64 = 60_000;
 
 /// Scenario-specific load of one facility; `None` keeps the default of its
 /// kind.
@@ -135,22 +167,27 @@ impl Scenario {
         Scenario::validate(parse_toml(text, file)?, file, site)
     }
 
-    /// The fault a meter shows at `at_ms`, if any. Silence wins over an
-    /// exception when windows overlap: a meter that does not answer cannot
-    /// answer with an exception.
-    pub fn meter_fault(&self, meter: &str, at_ms: i64) -> Option<MeterFault> {
-        let mut found = None;
+    /// The faults a meter shows at virtual time `at_ms` (see
+    /// [`MeterFaults`] for how overlapping faults combine).
+    pub fn meter_faults(&self, meter: &str, at_ms: i64) -> MeterFaults {
+        let mut found = MeterFaults::default();
+        let names = |meters: &[String]| meters.iter().any(|m| m == meter);
         for fault in self.faults.iter().filter(|f| f.window.contains(at_ms)) {
             match &fault.effect {
-                FaultEffect::MeterSilent { meters } if meters.iter().any(|m| m == meter) => {
-                    return Some(MeterFault::Silent);
+                FaultEffect::FacilityOff { .. } => {}
+                FaultEffect::MeterSilent { meters } => found.silent |= names(meters),
+                FaultEffect::ModbusException { meters, code } => {
+                    if found.exception.is_none() && names(meters) {
+                        found.exception = Some(*code);
+                    }
                 }
-                FaultEffect::ModbusException { meters, code }
-                    if found.is_none() && meters.iter().any(|m| m == meter) =>
-                {
-                    found = Some(MeterFault::Exception(*code));
+                FaultEffect::SlowReply { meters, delay }
+                | FaultEffect::LateReply { meters, delay } => {
+                    if names(meters) {
+                        found.delay = found.delay.max(*delay);
+                    }
                 }
-                _ => {}
+                FaultEffect::BadCrc { meters } => found.bad_crc |= names(meters),
             }
         }
         found
@@ -260,6 +297,7 @@ impl Scenario {
                 raw::FaultKind::FacilityOff => {
                     forbid(f.meters.is_some(), "meters")?;
                     forbid(f.code.is_some(), "code")?;
+                    forbid(f.delay_ms.is_some(), "delay_ms")?;
                     let facilities = require(&f.facilities, "facilities")?;
                     check_names(
                         &facilities,
@@ -271,7 +309,7 @@ impl Scenario {
                     )?;
                     FaultEffect::FacilityOff { facilities }
                 }
-                raw::FaultKind::MeterSilent | raw::FaultKind::ModbusException => {
+                kind => {
                     forbid(f.facilities.is_some(), "facilities")?;
                     let meters = require(&f.meters, "meters")?;
                     check_names(
@@ -282,10 +320,12 @@ impl Scenario {
                         &raw.site_file,
                         file,
                     )?;
-                    if f.kind == raw::FaultKind::MeterSilent {
-                        forbid(f.code.is_some(), "code")?;
-                        FaultEffect::MeterSilent { meters }
-                    } else {
+                    let delayed =
+                        matches!(kind, raw::FaultKind::SlowReply | raw::FaultKind::LateReply);
+                    forbid(f.delay_ms.is_some() && !delayed, "delay_ms")?;
+                    let exception = kind == raw::FaultKind::ModbusException;
+                    forbid(f.code.is_some() && !exception, "code")?;
+                    if exception {
                         let code = match f.code {
                             Some(0) => {
                                 return Err(err(
@@ -302,6 +342,19 @@ impl Scenario {
                             }
                         };
                         FaultEffect::ModbusException { meters, code }
+                    } else if delayed {
+                        let late = kind == raw::FaultKind::LateReply;
+                        let delay = reply_delay(f.delay_ms, late, &meters, &site)
+                            .map_err(|problem| err(key("delay_ms"), problem))?;
+                        if late {
+                            FaultEffect::LateReply { meters, delay }
+                        } else {
+                            FaultEffect::SlowReply { meters, delay }
+                        }
+                    } else if kind == raw::FaultKind::BadCrc {
+                        FaultEffect::BadCrc { meters }
+                    } else {
+                        FaultEffect::MeterSilent { meters }
                     }
                 }
             };
@@ -365,6 +418,40 @@ impl Scenario {
             facility_overrides,
         })
     }
+}
+
+/// The delay of a `slow_reply` (`late` false) or `late_reply` fault on
+/// `meters`: given, at most [`MAX_REPLY_DELAY_MS`], and below (slow) or
+/// above (late) every meter's timeout. The error is the problem only.
+fn reply_delay(
+    delay_ms: Option<u64>,
+    late: bool,
+    meters: &[String],
+    site: &Site,
+) -> Result<Duration, String> {
+    let kind = if late { "late_reply" } else { "slow_reply" };
+    let ms = delay_ms.ok_or_else(|| {
+        format!("is required for kind = \"{kind}\" (wall-clock milliseconds before the answer)")
+    })?;
+    if !(1..=MAX_REPLY_DELAY_MS).contains(&ms) {
+        return Err(format!("{ms} is outside 1..={MAX_REPLY_DELAY_MS}"));
+    }
+    for meter in meters.iter().filter_map(|id| site.meter(id)) {
+        let timeout_ms = meter.timeout.as_millis();
+        if late && u128::from(ms) <= timeout_ms {
+            return Err(format!(
+                "{ms} ms does not exceed meter `{}`'s timeout of {timeout_ms} ms, so the gateway still takes the answer (that is kind = \"slow_reply\")",
+                meter.id
+            ));
+        }
+        if !late && u128::from(ms) >= timeout_ms {
+            return Err(format!(
+                "{ms} ms is not below meter `{}`'s timeout of {timeout_ms} ms, so the gateway gives up first (that is kind = \"late_reply\")",
+                meter.id
+            ));
+        }
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// Every name in `names` must exist; the list must not be empty.
@@ -483,6 +570,9 @@ mod raw {
         FacilityOff,
         MeterSilent,
         ModbusException,
+        SlowReply,
+        LateReply,
+        BadCrc,
     }
 
     impl FaultKind {
@@ -491,6 +581,9 @@ mod raw {
                 FaultKind::FacilityOff => "facility_off",
                 FaultKind::MeterSilent => "meter_silent",
                 FaultKind::ModbusException => "modbus_exception",
+                FaultKind::SlowReply => "slow_reply",
+                FaultKind::LateReply => "late_reply",
+                FaultKind::BadCrc => "bad_crc",
             }
         }
     }
@@ -502,6 +595,7 @@ mod raw {
         pub(super) facilities: Option<Vec<String>>,
         pub(super) meters: Option<Vec<String>>,
         pub(super) code: Option<u8>,
+        pub(super) delay_ms: Option<u64>,
         pub(super) from: toml::Value,
         pub(super) until: toml::Value,
     }
@@ -590,30 +684,151 @@ pub(crate) mod tests {
     #[test]
     fn meter_faults_apply_only_inside_their_window() {
         let scenario = deploy_scenario();
+        let healthy = MeterFaults::default();
+        let silent = MeterFaults {
+            silent: true,
+            ..healthy
+        };
         assert_eq!(
-            scenario.meter_fault("l2-main-fan", demo_ms("15:59:59")),
-            None
+            scenario.meter_faults("l2-main-fan", demo_ms("15:59:59")),
+            healthy
         );
         assert_eq!(
-            scenario.meter_fault("l2-main-fan", demo_ms("16:00:00")),
-            Some(MeterFault::Silent)
+            scenario.meter_faults("l2-main-fan", demo_ms("16:00:00")),
+            silent
         );
         assert_eq!(
-            scenario.meter_fault("l2-main-fan", demo_ms("16:20:00")),
-            None
+            scenario.meter_faults("l2-main-fan", demo_ms("16:20:00")),
+            healthy
         );
         assert_eq!(
-            scenario.meter_fault("l1-main-fan", demo_ms("16:10:00")),
-            None
+            scenario.meter_faults("l1-main-fan", demo_ms("16:10:00")),
+            healthy
         );
         assert_eq!(
-            scenario.meter_fault("l2-spray-pump", demo_ms("18:04:59")),
-            Some(MeterFault::Exception(4))
+            scenario.meter_faults("l2-spray-pump", demo_ms("18:04:59")),
+            MeterFaults {
+                exception: Some(4),
+                ..healthy
+            }
         );
         // facility_off changes the power drawn, not how the meter answers.
         assert_eq!(
-            scenario.meter_fault("l1-condenser", demo_ms("14:10:00")),
-            None
+            scenario.meter_faults("l1-condenser", demo_ms("14:10:00")),
+            healthy
+        );
+    }
+
+    /// The deploy scenario with `faults` appended (separated by `----`),
+    /// each in the window 16:00-16:20.
+    pub(crate) fn with_faults(faults: &str) -> String {
+        let window = "from = \"2022-12-13T16:00:00+08:00\"\nuntil = \"2022-12-13T16:20:00+08:00\"";
+        faults
+            .split("----")
+            .map(|fault| format!("\n[[faults]]\n{}\n{window}\n", fault.trim()))
+            .fold(DEPLOY_SCENARIO.to_string(), |text, fault| text + &fault)
+    }
+
+    #[test]
+    fn overlapping_reply_faults_combine() {
+        // l1-stenter's timeout is the gateway's modbus_timeout_ms, 250 ms.
+        let text = with_faults(
+            "kind = \"slow_reply\"\nmeters = [\"l1-stenter\", \"l1-main-fan\"]\ndelay_ms = 100
+            ----
+            kind = \"late_reply\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 900
+            ----
+            kind = \"bad_crc\"\nmeters = [\"l1-stenter\"]
+            ----
+            kind = \"modbus_exception\"\nmeters = [\"l1-main-fan\"]\ncode = 6",
+        );
+        let scenario = Scenario::from_toml(&text, "s.toml", deploy_site()).unwrap();
+        assert_eq!(
+            scenario.faults[3].effect,
+            FaultEffect::SlowReply {
+                meters: vec!["l1-stenter".into(), "l1-main-fan".into()],
+                delay: Duration::from_millis(100)
+            }
+        );
+        assert_eq!(
+            scenario.faults[4].effect,
+            FaultEffect::LateReply {
+                meters: vec!["l1-stenter".into()],
+                delay: Duration::from_millis(900)
+            }
+        );
+        assert_eq!(
+            scenario.faults[5].effect,
+            FaultEffect::BadCrc {
+                meters: vec!["l1-stenter".into()]
+            }
+        );
+        let at = demo_ms("16:10:00");
+        assert_eq!(
+            scenario.meter_faults("l1-stenter", at),
+            MeterFaults {
+                silent: false,
+                exception: None,
+                bad_crc: true,
+                delay: Duration::from_millis(900),
+            }
+        );
+        assert_eq!(
+            scenario.meter_faults("l1-main-fan", at),
+            MeterFaults {
+                silent: false,
+                exception: Some(6),
+                bad_crc: false,
+                delay: Duration::from_millis(100),
+            }
+        );
+        assert_eq!(
+            scenario.meter_faults("l1-main-fan", demo_ms("16:20:00")),
+            MeterFaults::default()
+        );
+    }
+
+    #[test]
+    fn reply_delays_must_fit_the_meters_timeouts() {
+        let error = |fault: &str| error_of(&with_faults(fault));
+        assert_eq!(
+            error("kind = \"slow_reply\"\nmeters = [\"l1-stenter\"]"),
+            "s.toml: faults[3].delay_ms: is required for kind = \"slow_reply\" (wall-clock milliseconds before the answer)"
+        );
+        assert_eq!(
+            error("kind = \"slow_reply\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 250"),
+            "s.toml: faults[3].delay_ms: 250 ms is not below meter `l1-stenter`'s timeout of 250 ms, so the gateway gives up first (that is kind = \"late_reply\")"
+        );
+        assert_eq!(
+            error("kind = \"late_reply\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 250"),
+            "s.toml: faults[3].delay_ms: 250 ms does not exceed meter `l1-stenter`'s timeout of 250 ms, so the gateway still takes the answer (that is kind = \"slow_reply\")"
+        );
+        assert_eq!(
+            error("kind = \"late_reply\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 60001"),
+            "s.toml: faults[3].delay_ms: 60001 is outside 1..=60000"
+        );
+        assert_eq!(
+            error("kind = \"slow_reply\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 0"),
+            "s.toml: faults[3].delay_ms: 0 is outside 1..=60000"
+        );
+        assert_eq!(
+            error("kind = \"bad_crc\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 10"),
+            "s.toml: faults[3].delay_ms: does not apply to kind = \"bad_crc\""
+        );
+        assert_eq!(
+            error("kind = \"meter_silent\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 10"),
+            "s.toml: faults[3].delay_ms: does not apply to kind = \"meter_silent\""
+        );
+        assert_eq!(
+            error("kind = \"late_reply\"\nmeters = [\"l1-stenter\"]\ndelay_ms = 900\ncode = 4"),
+            "s.toml: faults[3].code: does not apply to kind = \"late_reply\""
+        );
+        assert_eq!(
+            error("kind = \"facility_off\"\nfacilities = [\"l1-stenter\"]\ndelay_ms = 9"),
+            "s.toml: faults[3].delay_ms: does not apply to kind = \"facility_off\""
+        );
+        assert_eq!(
+            error("kind = \"bad_crc\""),
+            "s.toml: faults[3].meters: is required for kind = \"bad_crc\""
         );
     }
 

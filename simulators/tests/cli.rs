@@ -1,6 +1,6 @@
 //! The `facwatch-sim` binary as an operator runs it.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
@@ -174,4 +174,70 @@ fn sigterm_stops_the_simulator_gracefully() {
         "{rest}"
     );
     assert!(rest.contains("Stopped."), "{rest}");
+}
+
+#[test]
+fn print_endpoints_names_every_bus_where_it_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_plant(dir.path(), SCENARIO);
+    // Line 2 behind a transparent serial device server instead.
+    let site_path = dir.path().join("stenter-plant.site.toml");
+    let site = std::fs::read_to_string(&site_path)
+        .unwrap()
+        .replace("tcp = \"127.0.0.2:0\"", "rtu_over_tcp = \"127.0.0.1:0\"");
+    std::fs::write(&site_path, site).unwrap();
+    let mut child = sim()
+        .arg("--scenario")
+        .arg(&path)
+        .args(["--time-scale", "1", "--print-endpoints"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (lines_tx, lines) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if lines_tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + LIMIT;
+    let next_line = || {
+        lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("no endpoint line")
+    };
+    let (tcp, rtu_over_tcp) = (next_line(), next_line());
+    let fields = |line: &str| -> Vec<String> { line.split(' ').map(str::to_string).collect() };
+    let tcp = fields(&tcp);
+    assert!(
+        tcp[0].starts_with("tcp://127.0.0.1:") && tcp[0] != "tcp://127.0.0.1:0",
+        "{tcp:?}"
+    );
+    assert_eq!(tcp[1], "tcp://127.0.0.1:0");
+    assert_eq!(
+        tcp[2],
+        "1=l1-stenter,2=l1-spray-pump,3=l1-condenser,4=l1-hv-esp,5=l1-main-fan"
+    );
+    let rtu = fields(&rtu_over_tcp);
+    assert_eq!(rtu[1], "rtu-over-tcp://127.0.0.1:0");
+    assert_eq!(
+        rtu[2],
+        "1=l2-stenter,2=l2-spray-pump,3=l2-condenser,4=l2-hv-esp,5=l2-main-fan"
+    );
+    // The printed address serves RTU frames: DOMAIN.md's DTSU666 request.
+    let address = rtu[0].strip_prefix("rtu-over-tcp://").unwrap();
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream
+        .write_all(&[0x01, 0x03, 0x20, 0x12, 0x00, 0x02, 0x6F, 0xCE])
+        .unwrap();
+    let mut reply = [0u8; 9];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(reply[..3], [0x01, 0x03, 0x04]);
+    assert!(facwatch_proto::rtu::crc_ok(&reply), "{reply:02X?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
