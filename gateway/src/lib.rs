@@ -1,12 +1,17 @@
 //! The facwatch gateway: poll -> buffer -> forward.
 //!
-//! - `poll`: one task per meter reads it over Modbus TCP at
-//!   aligned virtual times and turns each poll into a `Sample`;
+//! - [`poll`]: one task per bus (a serial port, a serial device server, a
+//!   Modbus TCP endpoint) reads its meters one request at a time at aligned
+//!   virtual times, backing off from meters that do not answer, and turns
+//!   every slot of every meter into a `Sample`;
 //! - [`buffer`]: one batcher cuts samples into batches and appends each to
 //!   the redb buffer before anything tries to send it;
 //! - `forward`: batches go to the ingest over MQTT and
 //!   leave the buffer only when the ingest acks them (DESIGN.md,
 //!   "Delivery").
+//!
+//! [`probe`] reads one meter once over the same code path as polling, for
+//! installers (`facwatch-gateway probe`).
 //!
 //! [`run`] wires the stages together. Shutdown order: polling stops first,
 //! the batcher flushes its partial batch into the buffer, then the
@@ -16,13 +21,13 @@
 pub mod buffer;
 pub mod config;
 mod forward;
-mod poll;
+pub mod poll;
+pub mod probe;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use buffer::{Buffer, BufferError};
@@ -45,8 +50,12 @@ pub struct Stats {
     pub buffered_batches: AtomicU64,
     /// Polls that yielded values.
     pub polls_ok: AtomicU64,
-    /// Polls that did not (timeout, exception, decode error, offline).
+    /// Polls that did not (timeout, exception, decode error, offline),
+    /// including slots in which a meter was not asked (`polls_skipped`).
     pub polls_failed: AtomicU64,
+    /// Of `polls_failed`: slots in which a meter backing off after failures
+    /// was not asked (each still yields an `Offline` sample).
+    pub polls_skipped: AtomicU64,
 }
 
 /// What a finished run leaves behind.
@@ -64,6 +73,8 @@ pub enum GatewayError {
     Buffer(#[from] BufferError),
     #[error("{task} task failed: {reason}")]
     Task { task: &'static str, reason: String },
+    #[error(transparent)]
+    Poll(#[from] poll::PollError),
 }
 
 /// Samples waiting for the batcher, per meter, beyond two batch intervals'
@@ -117,25 +128,12 @@ pub async fn run(
     let stop_polling = abort.child_token();
 
     let (sample_tx, sample_rx) = mpsc::channel(sample_queue_capacity(&settings));
-    let plan = Arc::new(poll::PollPlan {
-        site: settings.site_id.clone(),
-        gateway: settings.gateway.id.clone(),
-        poll_interval: settings.gateway.poll_interval,
-        modbus_timeout: settings.gateway.modbus_timeout,
-        clock: settings.clock,
-        until_ms: settings.poll_until_ms,
-    });
-    let mut polls = JoinSet::new();
-    for meter in &settings.meters {
-        polls.spawn(poll::run_meter(
-            meter.clone(),
-            Arc::clone(&plan),
-            sample_tx.clone(),
-            Arc::clone(&stats),
-            stop_polling.clone(),
-        ));
-    }
-    drop(sample_tx);
+    let polls = tokio::spawn(poll::run(
+        poll::PollSettings::of(&settings),
+        sample_tx,
+        Arc::clone(&stats),
+        stop_polling.clone(),
+    ));
 
     let (appended_tx, appended_rx) = watch::channel(meta.next_seq - 1);
     let batcher = tokio::spawn({
@@ -173,9 +171,7 @@ pub async fn run(
 
     // The forwarder is done: everything acked, shut down, or failed.
     stop_polling.cancel();
-    while let Some(joined) = polls.join_next().await {
-        joined.map_err(|e| task_failed("poll", e))?;
-    }
+    polls.await.map_err(|e| task_failed("poll", e))??;
     let batched = batcher.await.map_err(|e| task_failed("batcher", e))?;
     forwarder?;
     batched?;

@@ -5,9 +5,14 @@
 //! values decoded -> `Ok`; no answer in time -> `Timeout`; a Modbus
 //! exception -> `Exception(code)`; an answer that does not decode (bad
 //! registers, mismatched frame) -> `DecodeError`; no connection (refused,
-//! reset, connect timeout) -> `Offline`. Values are empty unless `Ok`.
+//! reset, connect timeout) -> `Offline`; not asked because the meter is
+//! backing off after failures -> `Offline`. Values are empty unless `Ok`.
 
+use facwatch_proto::profile::ReadResult;
+use facwatch_proto::site::Meter;
 use facwatch_proto::wire::{Quality, Sample, Values};
+
+use super::link::ReadFailure;
 
 /// The result of one poll, before it becomes a sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,16 +26,36 @@ pub(crate) enum PollOutcome {
     Garbled(String),
     /// The meter could not be reached (connect failed, link dropped).
     Unreachable(String),
+    /// The meter was not asked in this slot: it is backing off.
+    BackedOff,
 }
 
 impl PollOutcome {
+    /// The outcome of reading `meter`'s registers: decoded values, or why
+    /// there are none.
+    pub(crate) fn of_reads(
+        meter: &Meter,
+        reads: Result<Vec<ReadResult>, ReadFailure>,
+    ) -> PollOutcome {
+        match reads {
+            Ok(results) => match meter.profile.decode(&results, meter.ratios) {
+                Ok(values) => PollOutcome::Read(values),
+                Err(e) => PollOutcome::Garbled(e.to_string()),
+            },
+            Err(ReadFailure::Timeout { .. }) => PollOutcome::Timeout,
+            Err(ReadFailure::Exception { code, .. }) => PollOutcome::Exception(code),
+            Err(ReadFailure::Unreachable(why)) => PollOutcome::Unreachable(why),
+            Err(ReadFailure::Garbled(why)) => PollOutcome::Garbled(why),
+        }
+    }
+
     pub(crate) fn quality(&self) -> Quality {
         match self {
             PollOutcome::Read(_) => Quality::Ok,
             PollOutcome::Timeout => Quality::Timeout,
             PollOutcome::Exception(code) => Quality::Exception(*code),
             PollOutcome::Garbled(_) => Quality::DecodeError,
-            PollOutcome::Unreachable(_) => Quality::Offline,
+            PollOutcome::Unreachable(_) | PollOutcome::BackedOff => Quality::Offline,
         }
     }
 
@@ -39,7 +64,10 @@ impl PollOutcome {
         match self {
             PollOutcome::Read(_) => String::new(),
             PollOutcome::Timeout => "no answer within the Modbus timeout".into(),
-            PollOutcome::Exception(code) => format!("Modbus exception {code}"),
+            PollOutcome::Exception(code) => {
+                format!("Modbus exception {code} ({})", exception_name(*code))
+            }
+            PollOutcome::BackedOff => "not asked: backing off after failed polls".into(),
             PollOutcome::Garbled(why) | PollOutcome::Unreachable(why) => why.clone(),
         }
     }
@@ -57,6 +85,22 @@ impl PollOutcome {
             quality,
             values,
         }
+    }
+}
+
+/// The Modbus specification's name of an exception code.
+pub(crate) fn exception_name(code: u8) -> &'static str {
+    match code {
+        1 => "illegal function",
+        2 => "illegal data address",
+        3 => "illegal data value",
+        4 => "server device failure",
+        5 => "acknowledge",
+        6 => "server device busy",
+        8 => "memory parity error",
+        10 => "gateway path unavailable",
+        11 => "gateway target device failed to respond",
+        _ => "not a standard exception code",
     }
 }
 
@@ -109,6 +153,7 @@ mod tests {
                 Quality::Offline,
                 Values::default(),
             ),
+            (PollOutcome::BackedOff, Quality::Offline, Values::default()),
         ];
         for (outcome, quality, values) in cases {
             assert_eq!(
@@ -121,6 +166,19 @@ mod tests {
                 }
             );
         }
+    }
+
+    #[test]
+    fn exceptions_are_named() {
+        assert_eq!(
+            PollOutcome::Exception(2).detail(),
+            "Modbus exception 2 (illegal data address)"
+        );
+        assert_eq!(
+            exception_name(11),
+            "gateway target device failed to respond"
+        );
+        assert_eq!(exception_name(99), "not a standard exception code");
     }
 
     #[test]
