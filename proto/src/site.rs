@@ -929,4 +929,23 @@ mod deploy_tests {
         let pump = &site.lines[0].facilities[1];
         assert_eq!((pump.kind, pump.critical), (FacilityKind::SprayPump, false));
     }
+
+    #[test]
+    fn deploy_field_bus_example_is_valid() {
+        let text = include_str!("../../deploy/field-buses.site.example.toml");
+        let site = Site::from_toml(text, "deploy/field-buses.site.example.toml").unwrap();
+        let buses: Vec<String> = site.meters.iter().map(|m| m.transport.bus()).collect();
+        assert_eq!(
+            buses,
+            [
+                "serial:///dev/ttyUSB0",
+                "serial:///dev/ttyUSB0",
+                "rtu-over-tcp://192.168.10.20:4196",
+                "tcp://192.168.10.21:502"
+            ]
+        );
+        let esp = site.meter("esp-3").unwrap();
+        assert_eq!(esp.profile.name, "generic");
+        assert_eq!(esp.profile.fields.len(), 3);
+    }
 }
