@@ -528,7 +528,11 @@ def load_run(args, tmp: str, layout: dict, ports: list[int], index: int) -> dict
         t0 = time.monotonic()
         ticks0 = {k: cpu_ticks(p) for k, p in pids.items()}
         sys0 = system_ticks()
-        time.sleep(args.measure)
+        rss_series = []  # (seconds into the window, VmRSS KB)
+        while (left := t0 + args.measure - time.monotonic()) > 0:
+            time.sleep(min(left, args.rss_every) if args.rss_every else left)
+            if args.rss_every and time.monotonic() < t0 + args.measure - 0.5:
+                rss_series.append((round(time.monotonic() - t0), status_kb(gateway.pid, "VmRSS")))
         t1 = time.monotonic()
         ticks1 = {k: cpu_ticks(p) for k, p in pids.items()}
         sys1 = system_ticks()
@@ -569,6 +573,7 @@ def load_run(args, tmp: str, layout: dict, ports: list[int], index: int) -> dict
             "gateway_vmhwm_kb": hwm_kb,
             "gateway_vmrss_kb": rss_kb,
             "gateway_threads": threads,
+            "gateway_rss_series_kb": rss_series,
             "sim_cpu_pct": round(cpu_pct["sim"], 1),
             "ingest_cpu_pct": round(cpu_pct["ingest"], 1),
             "machine_busy_pct_of_one_core": round(sys_busy, 1),
@@ -576,6 +581,9 @@ def load_run(args, tmp: str, layout: dict, ports: list[int], index: int) -> dict
             "samples_in_window": len(in_window),
             "samples_ok_in_window": sum(1 for s in in_window if s[2] == 0),
             "samples_per_s": round(len(in_window) / window_s, 1),
+            "gateway_cpu_us_per_sample": round(
+                1e6 * (ticks1["gateway"] - ticks0["gateway"]) / CLK_TCK / max(len(in_window), 1), 1
+            ),
             "meters_seen": len(per_meter),
             "samples_per_meter_min": min((len(t) for t in per_meter.values()), default=0),
             "samples_per_meter_max": max((len(t) for t in per_meter.values()), default=0),
@@ -586,6 +594,8 @@ def load_run(args, tmp: str, layout: dict, ports: list[int], index: int) -> dict
             "subscriber_error": counter.error,
             "warnings_in_gateway_log": count_warnings(os.path.join(tmp, f"gateway{tag}.log")),
         }
+        if rss_series:
+            log("VmRSS KB by second of the window: " + ", ".join(f"{t}s {kb}" for t, kb in rss_series))
         log(
             f"run {index}: gateway {result['gateway_cpu_pct']} % of a core, "
             f"VmHWM {hwm_kb} KB, {result['samples_per_s']} samples/s "
@@ -842,13 +852,14 @@ def report(args, layout: dict, runs: list[dict], hyper: dict | None, wire: dict 
         f"warm-up {args.warmup} s, window {args.measure} s.\n"
     )
     out.append(
-        "| run | gateway CPU (% of one core) | peak RSS (VmHWM) | RSS at end | samples/s "
+        "| run | gateway CPU (% of one core) | CPU per sample | peak RSS (VmHWM) | RSS at end | samples/s "
         "(ok) | samples per meter | interval median / max | sim CPU | ingest CPU | rest of machine |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         out.append(
-            f"| {r['run']} | {r['gateway_cpu_pct']:.2f} % | {r['gateway_vmhwm_kb']:,} KB | "
+            f"| {r['run']} | {r['gateway_cpu_pct']:.2f} % | {r['gateway_cpu_us_per_sample']} µs | "
+            f"{r['gateway_vmhwm_kb']:,} KB | "
             f"{r['gateway_vmrss_kb']:,} KB | {r['samples_per_s']} ({r['samples_ok_in_window']:,} of "
             f"{r['samples_in_window']:,} ok) | {r['samples_per_meter_min']}-{r['samples_per_meter_max']} "
             f"({r['meters_seen']} meters) | {r['interval_median_ms']} / {r['interval_max_ms']} ms | "
@@ -857,6 +868,7 @@ def report(args, layout: dict, runs: list[dict], hyper: dict | None, wire: dict 
     if runs:
         out.append(
             f"| **median** | **{median_of(runs, 'gateway_cpu_pct'):.2f} %** | "
+            f"{median_of(runs, 'gateway_cpu_us_per_sample')} µs | "
             f"**{median_of(runs, 'gateway_vmhwm_kb'):,.0f} KB** | {median_of(runs, 'gateway_vmrss_kb'):,.0f} KB | "
             f"**{median_of(runs, 'samples_per_s')}** | | | {median_of(runs, 'sim_cpu_pct')} % | "
             f"{median_of(runs, 'ingest_cpu_pct')} % | {median_of(runs, 'others_pct_of_one_core')} % |"
@@ -894,6 +906,10 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="load runs (default 3)")
     parser.add_argument("--warmup", type=float, default=10, help="seconds before measuring")
     parser.add_argument("--measure", type=float, default=60, help="measured window, seconds")
+    parser.add_argument(
+        "--rss-every", type=float, default=0,
+        help="also record the gateway's VmRSS every N s of the window (results.json, log)",
+    )  # fmt: skip
     parser.add_argument("--servers", type=int, default=20, help="Modbus TCP endpoints")
     parser.add_argument("--units", type=int, default=10, help="meters per endpoint (even)")
     parser.add_argument("--interval", type=int, default=1, help="poll_interval_secs")
