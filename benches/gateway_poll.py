@@ -945,6 +945,9 @@ def main() -> int:
             for i in range(1, args.runs + 1):
                 runs.append(load_run(args, tmp, layout, ports, i))
         if not args.no_single:
+            missing = [t for t in ("hyperfine", "mbpoll", "tcpdump") if shutil.which(t) is None]
+            if missing:
+                raise RuntimeError(f"missing {', '.join(missing)} (apt-get install -y ...)")
             hyper = hyperfine_phase(args, tmp, layout, ports)
             wire = wire_phase(args, tmp, layout, ports)
     finally:
