@@ -32,6 +32,10 @@ pub(crate) enum Condition {
     },
     /// It does not hold, and has not since `since_ms`.
     Clear { since_ms: i64 },
+    /// A gap in the data: it may or may not hold, since `since_ms`. An
+    /// interval neither opens nor clears on a gap; one that stays unknown
+    /// for the clear duration ends when it was last known to hold.
+    Unknown { since_ms: i64 },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,7 +110,42 @@ impl Phase {
                 }
                 .confirm(now_ms, d, &mut changes)
             }
-            (idle @ Phase::Idle { .. }, Condition::Clear { .. }) => idle,
+            (idle @ Phase::Idle { .. }, Condition::Clear { .. } | Condition::Unknown { .. }) => {
+                idle
+            }
+            (pending @ Phase::Pending { .. }, Condition::Unknown { since_ms }) => {
+                if now_ms - since_ms >= d.clear_ms {
+                    // Never confirmed before the data went missing.
+                    Phase::Idle { floor_ms: since_ms }
+                } else {
+                    pending
+                }
+            }
+            (
+                Phase::Open {
+                    start_ms,
+                    facilities,
+                },
+                Condition::Unknown { since_ms },
+            ) => {
+                if now_ms - since_ms >= d.clear_ms {
+                    let end_ms = since_ms.clamp(start_ms, now_ms);
+                    changes.push(Change::Closed {
+                        start_ms,
+                        end_ms,
+                        facilities,
+                    });
+                    Phase::Idle { floor_ms: end_ms }
+                } else {
+                    Phase::Open {
+                        start_ms,
+                        facilities,
+                    }
+                }
+            }
+            (clearing @ Phase::Clearing { .. }, Condition::Unknown { .. }) => {
+                clearing.settle(now_ms, d, &mut changes)
+            }
             (
                 Phase::Pending {
                     start_ms,

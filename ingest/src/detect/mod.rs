@@ -35,7 +35,7 @@ use interval::{Change, Condition, Durations, Phase};
 
 /// Version byte of a persisted [`GatewayDetector`] snapshot and of a stored
 /// [`Event`].
-const SNAPSHOT_VERSION: u8 = 1;
+const SNAPSHOT_VERSION: u8 = 2;
 const EVENT_VERSION: u8 = 1;
 
 /// A closed interval whose end lies more than this behind wall time was
@@ -121,6 +121,9 @@ struct LineState {
     /// Parallel to the site's facilities of this line, by id.
     facilities: Vec<(String, FacilityState)>,
     r1_holds: bool,
+    /// Since when the R1 condition has been unknown (a gap in the data of a
+    /// facility it depends on), if it is.
+    r1_unknown_since: Option<i64>,
     r1: Phase,
 }
 
@@ -173,6 +176,7 @@ impl GatewayDetector {
                 clock_ms: old.as_ref().and_then(|o| o.clock_ms),
                 facilities,
                 r1_holds: old.as_ref().is_some_and(|o| o.r1_holds),
+                r1_unknown_since: old.as_ref().and_then(|o| o.r1_unknown_since),
                 r1: old.map(|o| o.r1).unwrap_or_default(),
             });
         }
@@ -261,6 +265,10 @@ impl GatewayDetector {
 
         let condition = r1_condition(line_cfg, line, now_ms, &transitions);
         line.r1_holds = matches!(condition, Condition::Holds { .. });
+        line.r1_unknown_since = match condition {
+            Condition::Unknown { since_ms } => Some(since_ms),
+            _ => None,
+        };
         let durations = Durations {
             min_ms: site.rules.r1.min_duration.as_millis() as i64,
             clear_ms: site.rules.r1.clear_duration.as_millis() as i64,
@@ -321,6 +329,9 @@ impl GatewayDetector {
 
 /// R1: any production facility running and any critical treatment facility
 /// stopped. Involved: every treatment facility stopped (critical or not).
+/// It is clear when every production facility is known and none runs, or
+/// every critical treatment facility is known and none is stopped;
+/// otherwise, a gap in the data leaves it unknown.
 fn r1_condition(
     cfg: &facwatch_proto::site::Line,
     line: &LineState,
@@ -328,32 +339,45 @@ fn r1_condition(
     transitions: &[Transition],
 ) -> Condition {
     let states = || cfg.facilities.iter().zip(&line.facilities);
-    let running_since = states()
-        .filter(|(f, (_, s))| f.role() == Role::Production && s.state == State::Running)
+    let production = || states().filter(|(f, _)| f.role() == Role::Production);
+    let critical = || states().filter(|(f, _)| f.role() == Role::Treatment && f.critical);
+    let running_since = production()
+        .filter(|(_, (_, s))| s.state == State::Running)
         .map(|(_, (_, s))| s.since_ms)
         .min();
-    let critical_stopped_since = states()
-        .filter(|(f, (_, s))| {
-            f.role() == Role::Treatment && f.critical && s.state == State::Stopped
-        })
+    let critical_stopped_since = critical()
+        .filter(|(_, (_, s))| s.state == State::Stopped)
         .map(|(_, (_, s))| s.since_ms)
         .min();
-    match (running_since, critical_stopped_since) {
-        (Some(p), Some(t)) => Condition::Holds {
+    // When the latest change in this step took effect.
+    let changed_at = transitions.iter().map(|t| t.at_ms).max().unwrap_or(now_ms);
+    if let (Some(p), Some(t)) = (running_since, critical_stopped_since) {
+        return Condition::Holds {
             since_ms: p.max(t),
             involved: states()
                 .filter(|(f, (_, s))| f.role() == Role::Treatment && s.state == State::Stopped)
                 .map(|(f, _)| f.id.clone())
                 .collect::<BTreeSet<_>>(),
-        },
-        _ => Condition::Clear {
-            // It stopped holding with the latest change seen in this step.
-            since_ms: if line.r1_holds {
-                transitions.iter().map(|t| t.at_ms).max().unwrap_or(now_ms)
-            } else {
-                now_ms
+        };
+    }
+    let known = |(_, (_, s)): (&facwatch_proto::site::Facility, &(String, FacilityState))| {
+        s.state != State::Unknown
+    };
+    let clear = (running_since.is_none() && production().all(known))
+        || (critical_stopped_since.is_none() && critical().all(known));
+    if clear {
+        Condition::Clear {
+            since_ms: match line.r1_unknown_since {
+                // It was last known to hold when the data went missing.
+                Some(since) => since,
+                None if line.r1_holds => changed_at,
+                None => now_ms,
             },
-        },
+        }
+    } else {
+        Condition::Unknown {
+            since_ms: line.r1_unknown_since.unwrap_or(changed_at),
+        }
     }
 }
 

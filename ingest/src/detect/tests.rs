@@ -335,3 +335,52 @@ fn historical_flag_marks_intervals_closed_long_after_they_ended() {
     let events = replay.apply(&samples, hm(20, 0));
     assert!(closed(&events)[0].historical);
 }
+
+/// The seed incident with the stenter's meter silent from `from` to
+/// `until`.
+fn incident_with_stenter_gap(from: i64, until: i64) -> impl Fn(&str, i64) -> Reading {
+    move |meter, t| {
+        if meter == "m-stenter" && t >= from && t < until {
+            Reading::Timeout
+        } else {
+            incident(meter, t)
+        }
+    }
+}
+
+#[test]
+fn a_short_gap_inside_an_interval_neither_ends_nor_splits_it() {
+    // Silent for 3 minutes: unknown for 90 s, less than the clear duration.
+    let plant = incident_with_stenter_gap(hm(14, 10), hm(14, 13));
+    let events = run_all(&history(hm(12, 0), hm(16, 0), plant));
+
+    let closed = closed(&events);
+    assert_eq!(closed.len(), 1, "{events:#?}");
+    assert_eq!(closed[0].start_ms, hm(14, 3) + 20);
+    assert_eq!(closed[0].end_ms, Some(hm(14, 30) + 40));
+}
+
+#[test]
+fn a_long_gap_before_confirmation_drops_what_the_data_cannot_show() {
+    // Silent from 14:08 to 14:15: the first 5 minutes were never
+    // confirmed; the interval that the data shows starts after the gap.
+    let plant = incident_with_stenter_gap(hm(14, 8), hm(14, 15));
+    let events = run_all(&history(hm(12, 0), hm(16, 0), plant));
+    let closed = closed(&events);
+    assert_eq!(closed.len(), 1, "{events:#?}");
+    assert_eq!(closed[0].start_ms, hm(14, 15));
+    assert_eq!(closed[0].end_ms, Some(hm(14, 30) + 40));
+}
+
+#[test]
+fn a_long_gap_in_an_open_interval_ends_it_when_it_was_last_known() {
+    // Open at 14:13; silent from 14:20 to 14:40, past the incident's end.
+    let plant = incident_with_stenter_gap(hm(14, 20), hm(14, 40));
+    let events = run_all(&history(hm(12, 0), hm(16, 0), plant));
+    let closed = closed(&events);
+    assert_eq!(closed.len(), 1, "{events:#?}");
+    assert_eq!(closed[0].start_ms, hm(14, 3) + 20);
+    // The last stenter reading was at 14:19:30; it is unknown from the end
+    // of the stale span (3 polls) on.
+    assert_eq!(closed[0].end_ms, Some(hm(14, 19) + 30_000 + 90_000));
+}
