@@ -37,6 +37,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const FORMAT: u64 = 1;
 const KEY_FORMAT: &str = "format";
+/// redb page cache of the buffer.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
+
 const KEY_NEXT_SEQ: &str = "next_seq";
 const KEY_ACKED_SEQ: &str = "acked_seq";
 const KEY_SAMPLES: &str = "samples_produced";
@@ -93,10 +96,16 @@ impl Buffer {
                 cause: Box::new(redb::Error::Io(e)),
             })?;
         }
-        let db = Database::create(path).map_err(|e| BufferError::Storage {
-            path: path.to_path_buf(),
-            cause: Box::new(e.into()),
-        })?;
+        // redb's default page cache is 1 GiB and keeps every written page:
+        // during a long outage the buffer would grow the process by
+        // hundreds of MB. A box on a factory floor gets a small cache.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| BufferError::Storage {
+                path: path.to_path_buf(),
+                cause: Box::new(e.into()),
+            })?;
         let buffer = Buffer {
             db,
             path: path.to_path_buf(),

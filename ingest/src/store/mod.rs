@@ -59,6 +59,9 @@ pub enum StoreError {
     Event { id: String, cause: SnapshotError },
 }
 
+/// redb page cache of the store.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 fn db(error: impl Into<redb::Error>) -> StoreError {
     StoreError::Database(Box::new(error.into()))
 }
@@ -113,7 +116,12 @@ impl Store {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| open_error(redb::Error::Io(e)))?;
         }
-        let db = Database::create(path).map_err(|e| open_error(e.into()))?;
+        // redb's default page cache is 1 GiB and keeps every written page;
+        // bound it so memory does not grow with the store.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| open_error(e.into()))?;
         let tx = db.begin_write().map_err(|e| open_error(e.into()))?;
         {
             let mut meta = tx.open_table(META).map_err(|e| open_error(e.into()))?;
