@@ -1,13 +1,14 @@
 //! The simulated meters over real Modbus TCP, read with tokio-modbus's
 //! client and decoded with the proto profiles, as the gateway will.
 
+mod common;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::DateTime;
 use facwatch_proto::clock::{wall_now_ms, Clock};
-use facwatch_proto::profile::{FunctionCode, ReadResult};
 use facwatch_proto::site::Site;
 use facwatch_proto::wire::Values;
 use facwatch_sim::{bind, serve, Plant, Scenario, SimError};
@@ -81,25 +82,7 @@ impl Running {
     /// One poll of `meter` as the gateway makes it: every read of its
     /// profile, decoded with its ratios.
     async fn poll(&self, ctx: &mut Context, meter: &str) -> Values {
-        let meter = self.site.meter(meter).unwrap();
-        let profile = &meter.profile;
-        let mut results = Vec::new();
-        for read in profile.reads(meter.read_limits) {
-            let words = match read.function {
-                FunctionCode::ReadHoldingRegisters => {
-                    ctx.read_holding_registers(read.address, read.count).await
-                }
-                FunctionCode::ReadInputRegisters => {
-                    ctx.read_input_registers(read.address, read.count).await
-                }
-            };
-            results.push(ReadResult {
-                function: read.function,
-                address: read.address,
-                words: words.unwrap().unwrap(),
-            });
-        }
-        profile.decode(&results, meter.ratios).unwrap()
+        common::poll(ctx, self.site.meter(meter).unwrap()).await
     }
 
     async fn stop(self) {
