@@ -8,6 +8,10 @@
 //!   meters (at least one), in site-file order;
 //! - `window_batches >= 1`, `ack_timeout > 0`, the MQTT keep-alive is 0 or
 //!   1..=65535 s (what MQTT 3.1.1 can carry);
+//! - MQTT credentials are a username and a password, both or neither; the
+//!   password is never logged nor printed (`Debug` shows `***`);
+//! - the buffer holds at least [`MIN_MAX_BYTES`], and commits every
+//!   10..=10000 ms ([`COMMIT_INTERVAL_RANGE_MS`]);
 //! - relative paths (`site_file`, `buffer.path`) are resolved against the
 //!   directory of the config file, not the working directory.
 //!
@@ -18,6 +22,10 @@ use std::time::Duration;
 
 use facwatch_proto::clock::Clock;
 use facwatch_proto::site::{self, ConfigError, Gateway, Meter, Site};
+
+use crate::buffer::{BufferLimits, WhenFull, MIN_MAX_BYTES};
+use crate::forward::pace::{ReplayPace, DEFAULT_REPLAY_PACE};
+
 /// The default config, shipped inside the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../gateway.default.toml");
 
@@ -26,6 +34,12 @@ pub const DEFAULT_WINDOW_BATCHES: u32 = 16;
 
 /// Default wall-clock time without ack progress before resending.
 pub const DEFAULT_ACK_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// Default wall-clock time between two commits of buffered samples.
+pub const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// Accepted `[buffer] commit_interval_ms`.
+pub const COMMIT_INTERVAL_RANGE_MS: std::ops::RangeInclusive<u64> = 10..=10_000;
 
 /// Validated gateway settings. Fields are public so tests and the demo can
 /// adjust them after [`Settings::new`].
@@ -38,11 +52,18 @@ pub struct Settings {
     pub mqtt: MqttSettings,
     /// The redb file holding unacked batches.
     pub buffer_path: PathBuf,
+    /// Size and age bounds of the buffer, and what goes when it is full.
+    pub buffer_limits: BufferLimits,
+    /// Wall-clock time between two commits of buffered samples: a power cut
+    /// loses at most the samples of one interval plus those queued.
+    pub commit_interval: Duration,
     /// Most batches sent and not yet acked by the ingest.
     pub window_batches: u32,
     /// Wall-clock time without ack progress after which the unacked batches
     /// are sent again.
     pub ack_timeout: Duration,
+    /// Pace of every publish (backlog replay and live alike).
+    pub replay: ReplayPace,
     pub clock: Clock,
     /// When set, polling stops at this virtual time (exclusive: a poll slot
     /// at exactly this time is not polled) and `run` returns once every
@@ -58,6 +79,25 @@ pub struct MqttSettings {
     pub client_id: String,
     /// Zero disables keep-alive pings.
     pub keep_alive: Duration,
+    /// Username and password for a broker that wants them (Mosquitto with
+    /// `allow_anonymous false`).
+    pub credentials: Option<MqttCredentials>,
+}
+
+/// A broker login. `Debug` does not show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MqttCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for MqttCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttCredentials")
+            .field("username", &self.username)
+            .field("password", &"***")
+            .finish()
+    }
 }
 
 impl MqttSettings {
@@ -69,6 +109,7 @@ impl MqttSettings {
             port,
             client_id: default_client_id(gateway_id),
             keep_alive: Duration::from_secs(raw::DEFAULT_KEEP_ALIVE_SECS),
+            credentials: None,
         }
     }
 }
@@ -80,7 +121,9 @@ fn default_client_id(gateway_id: &str) -> String {
 impl Settings {
     /// Settings for `gateway_id` of `site` with defaults for everything
     /// else: real-time polling forever, a window of
-    /// [`DEFAULT_WINDOW_BATCHES`], an ack timeout of [`DEFAULT_ACK_TIMEOUT`].
+    /// [`DEFAULT_WINDOW_BATCHES`], an ack timeout of [`DEFAULT_ACK_TIMEOUT`],
+    /// [`BufferLimits::default`], commits every
+    /// [`DEFAULT_COMMIT_INTERVAL`], replay at [`DEFAULT_REPLAY_PACE`].
     pub fn new(
         site: &Site,
         gateway_id: &str,
@@ -95,8 +138,11 @@ impl Settings {
             meters,
             mqtt,
             buffer_path: buffer_path.into(),
+            buffer_limits: BufferLimits::default(),
+            commit_interval: DEFAULT_COMMIT_INTERVAL,
             window_batches: DEFAULT_WINDOW_BATCHES,
             ack_timeout: DEFAULT_ACK_TIMEOUT,
+            replay: DEFAULT_REPLAY_PACE,
             clock,
             poll_until_ms: None,
         })
@@ -166,9 +212,63 @@ impl Settings {
             None => default_client_id(&gateway.id),
         };
 
-        if raw.buffer.path.as_os_str().is_empty() {
+        let credentials = match (&mqtt.username, &mqtt.password) {
+            (None, None) => None,
+            (Some(username), Some(password)) => {
+                if username.is_empty() {
+                    return Err(err("mqtt.username", "must not be empty".into()));
+                }
+                Some(MqttCredentials {
+                    username: username.clone(),
+                    password: password.clone(),
+                })
+            }
+            (Some(_), None) => {
+                return Err(err(
+                    "mqtt.password",
+                    "is required when mqtt.username is set".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "mqtt.username",
+                    "is required when mqtt.password is set".into(),
+                ))
+            }
+        };
+
+        let buffer = &raw.buffer;
+        if buffer.path.as_os_str().is_empty() {
             return Err(err("buffer.path", "must not be empty".into()));
         }
+        if buffer.max_bytes < MIN_MAX_BYTES {
+            return Err(err(
+                "buffer.max_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_MAX_BYTES} (1 MiB)",
+                    buffer.max_bytes
+                ),
+            ));
+        }
+        if !COMMIT_INTERVAL_RANGE_MS.contains(&buffer.commit_interval_ms) {
+            return Err(err(
+                "buffer.commit_interval_ms",
+                format!(
+                    "{} is outside {}..={}",
+                    buffer.commit_interval_ms,
+                    COMMIT_INTERVAL_RANGE_MS.start(),
+                    COMMIT_INTERVAL_RANGE_MS.end()
+                ),
+            ));
+        }
+        let buffer_limits = BufferLimits {
+            max_bytes: buffer.max_bytes,
+            max_age: (buffer.max_age_secs > 0).then(|| Duration::from_secs(buffer.max_age_secs)),
+            when_full: match buffer.when_full {
+                raw::WhenFull::DropOldest => WhenFull::DropOldest,
+                raw::WhenFull::DropNewest => WhenFull::DropNewest,
+            },
+        };
         if raw.forward.window_batches == 0 {
             return Err(err(
                 "forward.window_batches",
@@ -221,10 +321,17 @@ impl Settings {
                 port: mqtt.port,
                 client_id,
                 keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
+                credentials,
             },
             buffer_path: base.join(&raw.buffer.path),
+            buffer_limits,
+            commit_interval: Duration::from_millis(raw.buffer.commit_interval_ms),
             window_batches: raw.forward.window_batches,
             ack_timeout: Duration::from_millis(raw.forward.ack_timeout_ms),
+            replay: ReplayPace {
+                batches_per_sec: raw.forward.replay_batches_per_sec,
+                bytes_per_sec: raw.forward.replay_bytes_per_sec,
+            },
             clock,
             poll_until_ms,
         })
@@ -302,6 +409,8 @@ mod raw {
         pub(super) client_id: Option<String>,
         #[serde(default = "default_keep_alive_secs")]
         pub(super) keep_alive_secs: u64,
+        pub(super) username: Option<String>,
+        pub(super) password: Option<String>,
     }
 
     fn default_port() -> u16 {
@@ -315,6 +424,32 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub(super) struct BufferSection {
         pub(super) path: PathBuf,
+        #[serde(default = "default_max_bytes")]
+        pub(super) max_bytes: u64,
+        #[serde(default = "default_max_age_secs")]
+        pub(super) max_age_secs: u64,
+        #[serde(default)]
+        pub(super) when_full: WhenFull,
+        #[serde(default = "default_commit_interval_ms")]
+        pub(super) commit_interval_ms: u64,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(rename_all = "snake_case")]
+    pub(super) enum WhenFull {
+        #[default]
+        DropOldest,
+        DropNewest,
+    }
+
+    fn default_max_bytes() -> u64 {
+        crate::buffer::DEFAULT_MAX_BYTES
+    }
+    fn default_max_age_secs() -> u64 {
+        crate::buffer::DEFAULT_MAX_AGE.as_secs()
+    }
+    fn default_commit_interval_ms() -> u64 {
+        super::DEFAULT_COMMIT_INTERVAL.as_millis() as u64
     }
 
     #[derive(Deserialize)]
@@ -324,6 +459,10 @@ mod raw {
         pub(super) window_batches: u32,
         #[serde(default = "default_ack_timeout_ms")]
         pub(super) ack_timeout_ms: u64,
+        #[serde(default = "default_replay_batches_per_sec")]
+        pub(super) replay_batches_per_sec: u32,
+        #[serde(default = "default_replay_bytes_per_sec")]
+        pub(super) replay_bytes_per_sec: u64,
     }
 
     impl Default for ForwardSection {
@@ -331,8 +470,17 @@ mod raw {
             ForwardSection {
                 window_batches: default_window_batches(),
                 ack_timeout_ms: default_ack_timeout_ms(),
+                replay_batches_per_sec: default_replay_batches_per_sec(),
+                replay_bytes_per_sec: default_replay_bytes_per_sec(),
             }
         }
+    }
+
+    fn default_replay_batches_per_sec() -> u32 {
+        crate::forward::pace::DEFAULT_REPLAY_PACE.batches_per_sec
+    }
+    fn default_replay_bytes_per_sec() -> u64 {
+        crate::forward::pace::DEFAULT_REPLAY_PACE.bytes_per_sec
     }
 
     fn default_window_batches() -> u32 {
@@ -394,6 +542,7 @@ mod tests {
                 port: 1883,
                 client_id: "facwatch-gw-gw-01".into(),
                 keep_alive: Duration::from_secs(30),
+                credentials: None,
             }
         );
         assert_eq!(settings.buffer_path, dir.path().join("gw-01.buffer.redb"));
@@ -401,6 +550,97 @@ mod tests {
         assert_eq!(settings.ack_timeout, Duration::from_millis(5000));
         assert_eq!(settings.clock, Clock::real());
         assert_eq!(settings.poll_until_ms, None);
+        assert_eq!(
+            settings.buffer_limits,
+            BufferLimits {
+                max_bytes: 1024 * 1024 * 1024,
+                max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+                when_full: WhenFull::DropOldest,
+            }
+        );
+        assert_eq!(settings.buffer_limits, BufferLimits::default());
+        assert_eq!(settings.commit_interval, Duration::from_millis(1000));
+        assert_eq!(
+            settings.replay,
+            ReplayPace {
+                batches_per_sec: 20,
+                bytes_per_sec: 2 * 1024 * 1024,
+            }
+        );
+    }
+
+    #[test]
+    fn the_example_deploy_config_carries_the_default_buffer_keys() {
+        let deploy = include_str!("../../deploy/gateway.toml");
+        let settings = load(deploy).unwrap();
+        let defaults = load(DEFAULT_CONFIG).unwrap();
+        assert_eq!(settings.buffer_limits, defaults.buffer_limits);
+        assert_eq!(settings.commit_interval, defaults.commit_interval);
+        // Its simulated clock runs 1440x: ten times the default pace.
+        assert_eq!(settings.replay.batches_per_sec, 200);
+        assert_eq!(settings.replay.bytes_per_sec, defaults.replay.bytes_per_sec);
+    }
+
+    #[test]
+    fn buffer_and_replay_keys_are_read() {
+        let text = MINIMAL.replace(
+            "[buffer]",
+            "[forward]\nreplay_batches_per_sec = 0\nreplay_bytes_per_sec = 4096\n[buffer]\nmax_bytes = 1048576\nmax_age_secs = 0\nwhen_full = \"drop_newest\"\ncommit_interval_ms = 10",
+        );
+        let settings = load(&text).unwrap();
+        assert_eq!(
+            settings.buffer_limits,
+            BufferLimits {
+                max_bytes: 1024 * 1024,
+                max_age: None,
+                when_full: WhenFull::DropNewest,
+            }
+        );
+        assert_eq!(settings.commit_interval, Duration::from_millis(10));
+        assert_eq!(
+            settings.replay,
+            ReplayPace {
+                batches_per_sec: 0,
+                bytes_per_sec: 4096,
+            }
+        );
+    }
+
+    #[test]
+    fn credentials_are_both_or_neither_and_the_password_is_never_shown() {
+        let with = |lines: &str| MINIMAL.replace("[buffer]", &format!("{lines}\n[buffer]"));
+        let settings = load(&with("username = \"gw\"\npassword = \"s3cret-pw\"")).unwrap();
+        assert_eq!(
+            settings.mqtt.credentials,
+            Some(MqttCredentials {
+                username: "gw".into(),
+                password: "s3cret-pw".into(),
+            })
+        );
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("username: \"gw\""), "{shown}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert_eq!(load(MINIMAL).unwrap().mqtt.credentials, None);
+
+        let cases = [
+            (
+                with("username = \"gw\""),
+                "mqtt.password: is required when mqtt.username is set",
+            ),
+            (
+                with("password = \"s3cret-pw\""),
+                "mqtt.username: is required when mqtt.password is set",
+            ),
+            (
+                with("username = \"\"\npassword = \"s3cret-pw\""),
+                "mqtt.username: must not be empty",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = load(&text).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+            assert!(!err.contains("s3cret-pw"), "{err}");
+        }
     }
 
     const MINIMAL: &str = r#"
@@ -444,11 +684,11 @@ path = "/var/lib/facwatch/buffer.redb"
 
     #[test]
     fn unknown_key_is_refused() {
-        let err = load(&MINIMAL.replace("[buffer]", "[buffer]\nmax_bytes = 5"))
+        let err = load(&MINIMAL.replace("[buffer]", "[buffer]\nmax_size = 5"))
             .unwrap_err()
             .to_string();
         assert!(err.contains("gateway.toml"), "{err}");
-        assert!(err.contains("unknown field `max_bytes`"), "{err}");
+        assert!(err.contains("unknown field `max_size`"), "{err}");
     }
 
     #[test]
@@ -458,6 +698,10 @@ path = "/var/lib/facwatch/buffer.redb"
             (MINIMAL.replace("[buffer]", "[forward]\nack_timeout_ms = 0\n[buffer]"), "forward.ack_timeout_ms: must be greater than 0"),
             (MINIMAL.replace("[buffer]", "keep_alive_secs = 70000\n[buffer]"), "mqtt.keep_alive_secs: 70000 exceeds"),
             (MINIMAL.replace("[buffer]", "client_id = \"\"\n[buffer]"), "mqtt.client_id: must not be empty"),
+            (MINIMAL.replace("[buffer]", "[buffer]\nmax_bytes = 1048575"), "buffer.max_bytes: 1048575 is below the minimum of 1048576 (1 MiB)"),
+            (MINIMAL.replace("[buffer]", "[buffer]\ncommit_interval_ms = 9"), "buffer.commit_interval_ms: 9 is outside 10..=10000"),
+            (MINIMAL.replace("[buffer]", "[buffer]\ncommit_interval_ms = 10001"), "buffer.commit_interval_ms: 10001 is outside 10..=10000"),
+            (MINIMAL.replace("[buffer]", "[buffer]\nwhen_full = \"block\""), "buffer.when_full: unknown variant `block`, expected `drop_oldest` or `drop_newest`"),
             (format!("{MINIMAL}[clock]\nstart = \"yesterday\"\n"), "clock.start: `yesterday` is not an RFC 3339 time"),
             (format!("{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00Z\"\ntime_scale = 0\n"), "clock.time_scale: 0 must be a positive number"),
             (format!("{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00Z\"\nuntil = \"2022-12-12T00:00:00Z\"\n"), "clock.until: `2022-12-12T00:00:00Z` must be after"),

@@ -4,8 +4,10 @@
 //!   Modbus TCP endpoint) reads its meters one request at a time at aligned
 //!   virtual times, backing off from meters that do not answer, and turns
 //!   every slot of every meter into a `Sample`;
-//! - [`buffer`]: one batcher cuts samples into batches and appends each to
-//!   the redb buffer before anything tries to send it;
+//! - [`buffer`]: one batcher cuts samples into batches and commits them,
+//!   with the samples of the open batch, to the redb buffer once per commit
+//!   interval, before anything tries to send them; the buffer is bounded
+//!   in bytes and age, and counts what its limits drop;
 //! - `forward`: batches go to the ingest over MQTT and
 //!   leave the buffer only when the ingest acks them (DESIGN.md,
 //!   "Delivery").
@@ -13,10 +15,14 @@
 //! [`probe`] reads one meter once over the same code path as polling, for
 //! installers (`facwatch-gateway probe`).
 //!
-//! [`run`] wires the stages together. Shutdown order: polling stops first,
-//! the batcher flushes its partial batch into the buffer, then the
-//! forwarder says goodbye to the broker. Nothing buffered is lost by a
-//! shutdown; the next run sends it.
+//! [`run`] wires the stages together. A buffer file that cannot be opened
+//! (corrupt, truncated, a newer format) is moved aside, logged as an error
+//! and replaced by a fresh one: the box keeps polling. Shutdown order:
+//! polling stops first, the batcher commits its partial batch into the
+//! buffer, then the forwarder says goodbye to the broker. Nothing buffered
+//! is lost by a shutdown; the next run sends it. A power cut loses the
+//! samples taken in the last commit interval plus those still queued for
+//! the batcher.
 
 pub mod buffer;
 pub mod config;
@@ -30,15 +36,17 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use buffer::{Buffer, BufferError};
-pub use config::{MqttSettings, Settings};
+pub use buffer::{AckApplied, Buffer, BufferError, BufferLimits, BufferMeta, MovedAside, WhenFull};
+pub use config::{MqttCredentials, MqttSettings, Settings};
+pub use forward::pace::{ReplayPace, DEFAULT_REPLAY_PACE};
 
 /// Live counters, for metrics and for tests to watch progress.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Samples ever appended to the buffer (lifetime, from its meta).
+    /// Samples ever committed to the buffer (lifetime, from its meta),
+    /// including those of the open batch.
     pub samples_produced: AtomicU64,
-    /// Batches appended during this run.
+    /// Batches stored in the buffer during this run.
     pub batches_appended: AtomicU64,
     /// Batches published for the first time during this run.
     pub batches_sent: AtomicU64,
@@ -47,7 +55,16 @@ pub struct Stats {
     /// Highest seq the ingest has acked.
     pub acked_seq: AtomicU64,
     /// Batches in the buffer waiting for an ack.
-    pub buffered_batches: AtomicU64,
+    pub buffer_batches: AtomicU64,
+    /// Encoded bytes of those batches (redb's overhead not included).
+    pub buffer_bytes: AtomicU64,
+    /// Oldest sample time (virtual Unix ms) of the first batch waiting for
+    /// an ack; 0 when none waits.
+    pub oldest_unacked_sample_ms: AtomicU64,
+    /// Samples the buffer's limits dropped (lifetime, from its meta).
+    pub samples_dropped: AtomicU64,
+    /// Unusable buffer files moved aside and replaced during this run.
+    pub buffer_recoveries: AtomicU64,
     /// Polls that yielded values.
     pub polls_ok: AtomicU64,
     /// Polls that did not (timeout, exception, decode error, offline),
@@ -56,6 +73,23 @@ pub struct Stats {
     /// Of `polls_failed`: slots in which a meter backing off after failures
     /// was not asked (each still yields an `Offline` sample).
     pub polls_skipped: AtomicU64,
+}
+
+impl Stats {
+    /// Copies the buffer's depth, age and counters.
+    pub(crate) fn record_buffer(&self, meta: &BufferMeta) {
+        self.samples_produced
+            .store(meta.samples_produced, Ordering::Relaxed);
+        self.acked_seq.store(meta.acked_seq, Ordering::Relaxed);
+        self.buffer_batches.store(meta.batches, Ordering::Relaxed);
+        self.buffer_bytes.store(meta.bytes, Ordering::Relaxed);
+        self.oldest_unacked_sample_ms.store(
+            meta.oldest_sample_ms.map_or(0, |t| t.max(0) as u64),
+            Ordering::Relaxed,
+        );
+        self.samples_dropped
+            .store(meta.samples_dropped, Ordering::Relaxed);
+    }
 }
 
 /// What a finished run leaves behind.
@@ -103,15 +137,25 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Report, GatewayError> {
     let path = settings.buffer_path.clone();
-    let buffer = Arc::new(
-        tokio::task::spawn_blocking(move || Buffer::open(&path))
+    let limits = settings.buffer_limits;
+    let (buffer, moved_aside) =
+        tokio::task::spawn_blocking(move || Buffer::open_or_move_aside(&path, limits))
             .await
-            .map_err(|e| task_failed("buffer open", e))??,
-    );
+            .map_err(|e| task_failed("buffer open", e))??;
+    if let Some(moved) = moved_aside {
+        stats.buffer_recoveries.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(
+            site = %settings.site_id,
+            gateway = %settings.gateway.id,
+            buffer = %moved.from.display(),
+            moved_to = %moved.to.display(),
+            cause = %moved.cause,
+            "The buffer file could not be used; moved it aside and started a fresh buffer. Its batches were not sent: keep the moved file for recovery."
+        );
+    }
+    let buffer = Arc::new(buffer);
     let meta = buffer.meta()?;
-    stats
-        .samples_produced
-        .store(meta.samples_produced, Ordering::Relaxed);
+    stats.record_buffer(&meta);
     tracing::info!(
         site = %settings.site_id,
         gateway = %settings.gateway.id,
@@ -120,6 +164,10 @@ pub async fn run(
         next_seq = meta.next_seq,
         acked_seq = meta.acked_seq,
         buffered_batches = meta.batches,
+        buffered_bytes = meta.bytes,
+        samples_produced = meta.samples_produced,
+        samples_dropped = meta.samples_dropped,
+        synced = meta.synced,
         "Gateway starting."
     );
 
@@ -138,8 +186,12 @@ pub async fn run(
     let (appended_tx, appended_rx) = watch::channel(meta.next_seq - 1);
     let batcher = tokio::spawn({
         let batcher = buffer::batcher::run(
-            settings.gateway.id.clone(),
-            settings.gateway.batch_interval,
+            buffer::batcher::BatcherPlan {
+                gateway: settings.gateway.id.clone(),
+                batch_interval: settings.gateway.batch_interval,
+                commit_interval: settings.commit_interval,
+                clock: settings.clock,
+            },
             Arc::clone(&buffer),
             sample_rx,
             appended_tx,
@@ -161,6 +213,8 @@ pub async fn run(
             mqtt: settings.mqtt.clone(),
             window_batches: settings.window_batches,
             ack_timeout: settings.ack_timeout,
+            replay: settings.replay,
+            clock: settings.clock,
         },
         Arc::clone(&buffer),
         appended_rx,
@@ -183,6 +237,7 @@ pub async fn run(
         samples_produced = meta.samples_produced,
         acked_seq = meta.acked_seq,
         buffered_batches = meta.batches,
+        samples_dropped = meta.samples_dropped,
         "Gateway stopped."
     );
     Ok(Report {

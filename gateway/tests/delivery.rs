@@ -1,7 +1,8 @@
 //! The gateway end to end against real peers in process: a tokio-modbus TCP
 //! server serving one SDM630 meter and one unit that never answers, an
-//! embedded rumqttd broker, and a fake ingest that decodes batches, applies
-//! them in seq order and publishes retained acks.
+//! embedded rumqttd broker, and a fake ingest that, like the real one,
+//! publishes its position as a retained ack on every connect, then decodes
+//! batches, applies them in seq order and publishes retained acks.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -10,7 +11,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use facwatch_gateway::{Buffer, MqttSettings, Report, Settings, Stats};
+use facwatch_gateway::{
+    Buffer, BufferLimits, MqttCredentials, MqttSettings, Report, Settings, Stats,
+};
 use facwatch_proto::clock::{wall_now_ms, Clock};
 use facwatch_proto::profile::{Profile, ProfileName, Ratios, ReadLimits, ReadResult};
 use facwatch_proto::site::Site;
@@ -122,6 +125,12 @@ async fn start_modbus_server() -> (SocketAddr, Meters) {
 /// Starts rumqttd on a free port (its `start` blocks: own thread, never
 /// stopped) and waits until it accepts connections.
 async fn start_broker() -> u16 {
+    start_broker_with_logins(None).await
+}
+
+/// [`start_broker`], accepting only the given `username -> password`
+/// logins when some are given.
+async fn start_broker_with_logins(logins: Option<HashMap<String, String>>) -> u16 {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -136,7 +145,7 @@ async fn start_broker() -> u16 {
             connection_timeout_ms: 60_000,
             max_payload_size: 1024 * 1024,
             max_inflight_count: 100,
-            auth: None,
+            auth: logins,
             external_auth: None,
             dynamic_filters: true,
         },
@@ -171,6 +180,8 @@ async fn start_broker() -> u16 {
 struct IngestLog {
     /// Every batch received, in arrival order.
     received: Vec<Batch>,
+    /// When each of `received` arrived.
+    received_at: Vec<std::time::Instant>,
     /// Batches applied, each exactly once, in seq order.
     applied: Vec<Batch>,
     /// Seqs that arrived while the ingest was up but after a missing one.
@@ -197,16 +208,47 @@ enum Availability {
     },
 }
 
-/// Subscribes to the batch and status topics of `gateway` and applies
-/// batches like the ingest: `seq == last + 1` is applied and acked
+/// Publishes the ingest's position for `gateway` as a retained ack, as the
+/// ingest does on every connect: a gateway with a fresh buffer sends
+/// nothing before it has seen it. Queued without blocking (the caller may
+/// be the task polling the event loop).
+fn announce_position(client: &AsyncClient, gateway: &str, last_seq: u64) {
+    client
+        .try_publish(
+            topics::ack(gateway),
+            QoS::AtLeastOnce,
+            true,
+            Ack { seq: last_seq }.encode(),
+        )
+        .unwrap();
+}
+
+/// Subscribes to the batch and status topics of `gateway`, announces
+/// `last_seq` (the seq the ingest already holds) on every connect, and
+/// applies batches like the ingest: `seq == last + 1` is applied and acked
 /// (retained), `seq <= last` is a duplicate, anything later is a gap.
 async fn start_fake_ingest(
     port: u16,
     gateway: &str,
     availability: Availability,
+    last_seq: u64,
+) -> watch::Receiver<IngestLog> {
+    start_fake_ingest_with_login(port, gateway, availability, last_seq, None).await
+}
+
+/// [`start_fake_ingest`] logging in as `(username, password)`.
+async fn start_fake_ingest_with_login(
+    port: u16,
+    gateway: &str,
+    availability: Availability,
+    last_seq: u64,
+    login: Option<(&str, &str)>,
 ) -> watch::Receiver<IngestLog> {
     let mut options = MqttOptions::new(format!("fake-ingest-{gateway}"), "127.0.0.1", port);
     options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+    if let Some((username, password)) = login {
+        options.set_credentials(username, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     client
         .subscribe(topics::batch(gateway), QoS::AtLeastOnce)
@@ -219,8 +261,9 @@ async fn start_fake_ingest(
     let (log_tx, log_rx) = watch::channel(IngestLog::default());
     let ack_topic = topics::ack(gateway);
     let batch_topic = topics::batch(gateway);
+    let gateway = gateway.to_string();
     tokio::spawn(async move {
-        let mut last = 0;
+        let mut last = last_seq;
         let mut suback = 0;
         let mut up = true;
         let mut down_after = match availability {
@@ -229,6 +272,10 @@ async fn start_fake_ingest(
         };
         loop {
             let publish = match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    announce_position(&client, &gateway, last);
+                    continue;
+                }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     suback += 1;
                     log_tx.send_modify(|log| log.subscribed = suback == 2);
@@ -257,6 +304,7 @@ async fn start_fake_ingest(
             }
             log_tx.send_modify(|log| {
                 log.received.push(batch.clone());
+                log.received_at.push(std::time::Instant::now());
                 if !up {
                     return;
                 }
@@ -372,7 +420,7 @@ async fn every_poll_slot_reaches_the_ingest_in_seq_order_and_the_buffer_empties(
     let gateway = "gw-order";
     let (modbus, meters) = start_modbus_server().await;
     let broker = start_broker().await;
-    let mut ingest = start_fake_ingest(broker, gateway, Availability::AlwaysUp).await;
+    let mut ingest = start_fake_ingest(broker, gateway, Availability::AlwaysUp, 0).await;
     let dir = tempfile::tempdir().unwrap();
     let buffer_path = dir.path().join("buffer.redb");
     // Two slots per batch, four slots.
@@ -431,8 +479,8 @@ async fn every_poll_slot_reaches_the_ingest_in_seq_order_and_the_buffer_empties(
     assert_eq!(stats.batches_appended.load(Ordering::Relaxed), 2);
     assert_eq!(stats.batches_sent.load(Ordering::Relaxed), 2);
     assert_eq!(stats.acked_seq.load(Ordering::Relaxed), 2);
-    assert_eq!(stats.buffered_batches.load(Ordering::Relaxed), 0);
-    let buffer = Buffer::open(&buffer_path).unwrap();
+    assert_eq!(stats.buffer_batches.load(Ordering::Relaxed), 0);
+    let buffer = Buffer::open(&buffer_path, BufferLimits::default()).unwrap();
     assert!(buffer.range_from(0, 100).unwrap().is_empty());
     let meta = buffer.meta().unwrap();
     assert_eq!((meta.next_seq, meta.acked_seq, meta.batches), (3, 2, 0));
@@ -443,7 +491,8 @@ async fn withheld_acks_bring_a_resend_from_acked_plus_one_without_skipping_a_seq
     let gateway = "gw-resend";
     let (modbus, _meters) = start_modbus_server().await;
     let broker = start_broker().await;
-    let mut ingest = start_fake_ingest(broker, gateway, Availability::DownAfter { seq: 1 }).await;
+    let mut ingest =
+        start_fake_ingest(broker, gateway, Availability::DownAfter { seq: 1 }, 0).await;
     let dir = tempfile::tempdir().unwrap();
     let buffer_path = dir.path().join("buffer.redb");
     // One slot per batch, six slots.
@@ -479,11 +528,224 @@ async fn withheld_acks_bring_a_resend_from_acked_plus_one_without_skipping_a_seq
     }
     assert!(stats.batches_resent.load(Ordering::Relaxed) >= 1);
     assert_eq!(stats.batches_sent.load(Ordering::Relaxed), 6);
-    assert_eq!(stats.buffered_batches.load(Ordering::Relaxed), 0);
-    let meta = Buffer::open(&buffer_path).unwrap().meta().unwrap();
+    assert_eq!(stats.buffer_batches.load(Ordering::Relaxed), 0);
+    let meta = Buffer::open(&buffer_path, BufferLimits::default())
+        .unwrap()
+        .meta()
+        .unwrap();
     assert_eq!((meta.acked_seq, meta.batches), (6, 0));
 }
 
 fn seqs_received(log: &IngestLog) -> Vec<u64> {
     log.received.iter().map(|b| b.seq).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_buffer_is_renumbered_after_the_ingests_last_seq_and_nothing_is_acked_away() {
+    // A replaced disk: the ingest already applied 500 batches of this
+    // gateway; the new buffer holds three batches numbered 1..3 that the
+    // ingest has never seen.
+    let gateway = "gw-fresh";
+    let (modbus, _meters) = start_modbus_server().await;
+    let broker = start_broker().await;
+    let mut ingest = start_fake_ingest(broker, gateway, Availability::AlwaysUp, 500).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer_path = dir.path().join("buffer.redb");
+    let early: Vec<Batch> = (0..3)
+        .map(|i| {
+            let mut batch = Batch {
+                gateway: gateway.into(),
+                seq: 0,
+                dropped_before: 0,
+                samples: vec![facwatch_proto::wire::Sample {
+                    meter: "good".into(),
+                    time_ms: START_MS - 30_000 + i * POLL_INTERVAL_MS,
+                    quality: Quality::Timeout,
+                    values: Values::default(),
+                }],
+            };
+            let buffer = Buffer::open(&buffer_path, BufferLimits::default()).unwrap();
+            assert_eq!(
+                buffer.append(&mut batch, START_MS).unwrap(),
+                Some(i as u64 + 1)
+            );
+            batch
+        })
+        .collect();
+    let site = site(gateway, modbus, POLL_INTERVAL_MS as u64 / 1000);
+    let stats = Arc::new(Stats::default());
+
+    let report = run_gateway(
+        settings(&site, gateway, broker, &buffer_path, 2),
+        stats.clone(),
+    )
+    .await;
+
+    assert_eq!(
+        report,
+        Report {
+            samples_produced: 3 + 4,
+            acked_seq: 505
+        }
+    );
+    let log = ingest
+        .wait_for(|log| log.statuses.last() == Some(&LinkState::Offline))
+        .await
+        .unwrap()
+        .clone();
+    // Nothing went out under the old numbering (it would have been taken
+    // for duplicates and acked away).
+    assert!(
+        log.received.iter().all(|b| b.seq > 500),
+        "{:?}",
+        seqs_received(&log)
+    );
+    assert!(log.gaps.is_empty(), "gaps: {:?}", log.gaps);
+    let applied: Vec<u64> = log.applied.iter().map(|b| b.seq).collect();
+    assert_eq!(applied, vec![501, 502, 503, 504, 505]);
+    for (sent, kept) in log.applied.iter().zip(&early) {
+        assert_eq!(sent.samples, kept.samples);
+    }
+    let meta = Buffer::open(&buffer_path, BufferLimits::default())
+        .unwrap()
+        .meta()
+        .unwrap();
+    assert_eq!(
+        (meta.acked_seq, meta.next_seq, meta.batches, meta.synced),
+        (505, 506, 0, true)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_wants_a_login_gets_the_gateways_credentials() {
+    let gateway = "gw-login";
+    let (modbus, _meters) = start_modbus_server().await;
+    let broker = start_broker_with_logins(Some(HashMap::from([
+        ("gw-01".to_string(), "gateway-secret".to_string()),
+        ("ingest".to_string(), "ingest-secret".to_string()),
+    ])))
+    .await;
+    let mut ingest = start_fake_ingest_with_login(
+        broker,
+        gateway,
+        Availability::AlwaysUp,
+        0,
+        Some(("ingest", "ingest-secret")),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let site = site(gateway, modbus, POLL_INTERVAL_MS as u64 / 1000);
+    let mut settings = settings(&site, gateway, broker, &dir.path().join("b.redb"), 2);
+    settings.mqtt.credentials = Some(MqttCredentials {
+        username: "gw-01".into(),
+        password: "gateway-secret".into(),
+    });
+
+    let report = run_gateway(settings, Arc::new(Stats::default())).await;
+
+    assert_eq!(report.acked_seq, 2);
+    let log = ingest
+        .wait_for(|log| log.statuses.last() == Some(&LinkState::Offline))
+        .await
+        .unwrap()
+        .clone();
+    let applied: Vec<u64> = log.applied.iter().map(|b| b.seq).collect();
+    assert_eq!(applied, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_file_of_garbage_is_moved_aside_and_the_gateway_keeps_going() {
+    let gateway = "gw-garbage";
+    let (modbus, _meters) = start_modbus_server().await;
+    let broker = start_broker().await;
+    let mut ingest = start_fake_ingest(broker, gateway, Availability::AlwaysUp, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer_path = dir.path().join("buffer.redb");
+    let garbage = vec![0xA5u8; 64 * 1024];
+    std::fs::write(&buffer_path, &garbage).unwrap();
+    let site = site(gateway, modbus, POLL_INTERVAL_MS as u64 / 1000);
+    let stats = Arc::new(Stats::default());
+
+    let report = run_gateway(
+        settings(&site, gateway, broker, &buffer_path, 2),
+        stats.clone(),
+    )
+    .await;
+
+    assert_eq!(stats.buffer_recoveries.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        report,
+        Report {
+            samples_produced: 4,
+            acked_seq: 2
+        }
+    );
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("buffer.redb.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    assert_eq!(std::fs::read(&aside[0]).unwrap(), garbage);
+    let log = ingest
+        .wait_for(|log| log.statuses.last() == Some(&LinkState::Offline))
+        .await
+        .unwrap()
+        .clone();
+    let applied: Vec<u64> = log.applied.iter().map(|b| b.seq).collect();
+    assert_eq!(applied, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_replayed_at_the_configured_pace_with_live_data_behind_it() {
+    let gateway = "gw-paced";
+    let (modbus, _meters) = start_modbus_server().await;
+    let broker = start_broker().await;
+    let mut ingest = start_fake_ingest(broker, gateway, Availability::AlwaysUp, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let buffer_path = dir.path().join("buffer.redb");
+    {
+        let buffer = Buffer::open(&buffer_path, BufferLimits::default()).unwrap();
+        for i in 0..20 {
+            let mut batch = Batch {
+                gateway: gateway.into(),
+                seq: 0,
+                dropped_before: 0,
+                samples: vec![facwatch_proto::wire::Sample {
+                    meter: "good".into(),
+                    time_ms: START_MS - 3_600_000 + i * 60_000,
+                    quality: Quality::Timeout,
+                    values: Values::default(),
+                }],
+            };
+            buffer.append(&mut batch, START_MS).unwrap();
+        }
+    }
+    let site = site(gateway, modbus, POLL_INTERVAL_MS as u64 / 1000);
+    let mut settings = settings(&site, gateway, broker, &buffer_path, 1);
+    settings.replay = facwatch_gateway::ReplayPace {
+        batches_per_sec: 10,
+        bytes_per_sec: 0,
+    };
+
+    let report = run_gateway(settings, Arc::new(Stats::default())).await;
+
+    assert_eq!(report.acked_seq, 21);
+    let log = ingest
+        .wait_for(|log| log.statuses.last() == Some(&LinkState::Offline))
+        .await
+        .unwrap()
+        .clone();
+    let applied: Vec<u64> = log.applied.iter().map(|b| b.seq).collect();
+    assert_eq!(applied, (1..=21).collect::<Vec<_>>());
+    // Twenty-one publishes at 10/s: the last goes 2 s after the first at
+    // the earliest (unpaced they would all go within milliseconds).
+    let first = log.received_at[0];
+    let last = *log.received_at.last().unwrap();
+    assert_eq!(log.received.len(), 21, "{:?}", seqs_received(&log));
+    assert!(
+        last - first >= Duration::from_millis(1_950),
+        "{:?}",
+        last - first
+    );
 }

@@ -1,4 +1,5 @@
-//! Cuts the stream of samples into batches and appends them to the buffer.
+//! Cuts the stream of samples into batches and commits them to the buffer
+//! in groups.
 //!
 //! Rules ([`BatchCutter`], pure):
 //! - Batches cover windows of `batch_interval` of virtual time aligned to
@@ -10,16 +11,25 @@
 //!   below the limit the ingest enforces.
 //! - Samples inside a batch are ordered by sample time (stable).
 //!
-//! The async shell is the only writer of batches: one append (one fsync'd
-//! transaction) per batch.
+//! Commit groups ([`GroupBuilder`], pure; the buffer's module docs give the
+//! on-disk side): every `commit_interval` of wall time the async shell
+//! commits one transaction holding every batch closed since the last
+//! commit and the samples of the open batch that arrived since then. An
+//! interval in which nothing arrived commits nothing. The shell is the only
+//! writer of samples; on shutdown it closes the open batch and commits it.
+//!
+//! What a power cut loses: the samples taken since the last commit (at most
+//! one commit interval) plus those still queued for the batcher.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use facwatch_proto::wire::{Batch, Sample, MAX_BATCH_BYTES};
+use facwatch_proto::clock::Clock;
+use facwatch_proto::wire::{Sample, MAX_BATCH_BYTES};
 use tokio::sync::{mpsc, watch};
 
+use super::store::CommitGroup;
 use super::{Buffer, BufferError};
 use crate::Stats;
 
@@ -101,65 +111,149 @@ impl BatchCutter {
     }
 }
 
-/// Receives samples until every sender is gone, appends each closed batch
-/// to the buffer, flushes the open batch at the end, and publishes the seq
-/// of every append on `appended`.
+/// Samples gathered between two commits (pure).
+#[derive(Debug)]
+pub(crate) struct GroupBuilder {
+    cutter: BatchCutter,
+    /// Batches closed since the last commit.
+    closed: Vec<Vec<Sample>>,
+    /// Samples of the open batch already committed (to `pending`).
+    open_committed: usize,
+    arrived: bool,
+}
+
+/// What to commit now.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Group {
+    pub(crate) closed: Vec<Vec<Sample>>,
+    pub(crate) open: Vec<Sample>,
+}
+
+impl GroupBuilder {
+    pub(crate) fn new(cutter: BatchCutter) -> GroupBuilder {
+        GroupBuilder {
+            cutter,
+            closed: Vec::new(),
+            open_committed: 0,
+            arrived: false,
+        }
+    }
+
+    pub(crate) fn push(&mut self, sample: Sample) {
+        self.arrived = true;
+        if let Some(closed) = self.cutter.push(sample) {
+            self.closed.push(closed);
+            // The sample just pushed opened a new batch.
+            self.open_committed = 0;
+        }
+    }
+
+    /// The group to commit now, if anything arrived since the last one;
+    /// from then on its samples count as committed.
+    pub(crate) fn take(&mut self) -> Option<Group> {
+        if !std::mem::take(&mut self.arrived) {
+            return None;
+        }
+        let open = self.cutter.open[self.open_committed..].to_vec();
+        self.open_committed = self.cutter.open.len();
+        Some(Group {
+            closed: std::mem::take(&mut self.closed),
+            open,
+        })
+    }
+
+    /// Closes the open batch: the last group.
+    pub(crate) fn finish(&mut self) -> Option<Group> {
+        if let Some(rest) = self.cutter.finish() {
+            self.closed.push(rest);
+            self.arrived = true;
+        }
+        self.open_committed = 0;
+        self.take()
+    }
+}
+
+/// How the batcher is set up.
+#[derive(Debug, Clone)]
+pub(crate) struct BatcherPlan {
+    pub(crate) gateway: String,
+    pub(crate) batch_interval: Duration,
+    pub(crate) commit_interval: Duration,
+    /// Measures the age limit.
+    pub(crate) clock: Clock,
+}
+
+/// Receives samples until every sender is gone, commits a group every
+/// commit interval, closes and commits the open batch at the end, and
+/// publishes the seq of the newest stored batch on `appended`.
 pub(crate) async fn run(
-    gateway: String,
-    batch_interval: Duration,
+    plan: BatcherPlan,
     buffer: Arc<Buffer>,
     mut samples: mpsc::Receiver<Sample>,
     appended: watch::Sender<u64>,
     stats: Arc<Stats>,
 ) -> Result<(), BufferError> {
-    let mut cutter = BatchCutter::new(&gateway, batch_interval, BATCH_SIZE_LIMIT);
-    while let Some(sample) = samples.recv().await {
-        if let Some(closed) = cutter.push(sample) {
-            append(&gateway, closed, &buffer, &appended, &stats).await?;
+    let cutter = BatchCutter::new(&plan.gateway, plan.batch_interval, BATCH_SIZE_LIMIT);
+    let mut builder = GroupBuilder::new(cutter);
+    let mut commits = tokio::time::interval(plan.commit_interval);
+    commits.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    commits.tick().await;
+    loop {
+        tokio::select! {
+            sample = samples.recv() => match sample {
+                Some(sample) => builder.push(sample),
+                None => break,
+            },
+            _ = commits.tick() => {
+                if let Some(group) = builder.take() {
+                    commit(&plan, group, &buffer, &appended, &stats).await?;
+                }
+            }
         }
     }
-    if let Some(rest) = cutter.finish() {
-        append(&gateway, rest, &buffer, &appended, &stats).await?;
+    if let Some(group) = builder.finish() {
+        commit(&plan, group, &buffer, &appended, &stats).await?;
     }
     Ok(())
 }
 
-async fn append(
-    gateway: &str,
-    samples: Vec<Sample>,
+async fn commit(
+    plan: &BatcherPlan,
+    group: Group,
     buffer: &Arc<Buffer>,
     appended: &watch::Sender<u64>,
     stats: &Stats,
 ) -> Result<(), BufferError> {
-    let mut batch = Batch {
-        gateway: gateway.to_string(),
-        seq: 0,
-        // Bounded-buffer drops (issue 4) will be counted here.
-        dropped_before: 0,
-        samples,
-    };
     let buffer = Arc::clone(buffer);
-    let (seq, held, samples_produced) = tokio::task::spawn_blocking(move || {
-        let (seq, held) = buffer.append(&mut batch)?;
-        let samples_produced = buffer.meta()?.samples_produced;
-        Ok::<_, BufferError>((seq, held, samples_produced))
+    let gateway = plan.gateway.clone();
+    let now_ms = plan.clock.now_ms();
+    let (stored, meta) = tokio::task::spawn_blocking(move || {
+        buffer.commit_group(
+            CommitGroup {
+                gateway: &gateway,
+                closed: group.closed,
+                open: &group.open,
+            },
+            now_ms,
+        )
     })
     .await
-    .expect("buffer append does not panic")?;
-    stats.batches_appended.fetch_add(1, Ordering::Relaxed);
-    stats.buffered_batches.store(held, Ordering::Relaxed);
+    .expect("buffer commits do not panic")?;
     stats
-        .samples_produced
-        .store(samples_produced, Ordering::Relaxed);
-    tracing::debug!(gateway, seq, "Appended batch to the buffer.");
-    appended.send_replace(seq);
+        .batches_appended
+        .fetch_add(stored.len() as u64, Ordering::Relaxed);
+    stats.record_buffer(&meta);
+    if let Some(&seq) = stored.last() {
+        tracing::debug!(gateway = %plan.gateway, seq, "Committed batches to the buffer.");
+        appended.send_replace(seq);
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use facwatch_proto::wire::{Quality, Values};
+    use facwatch_proto::wire::{Batch, Quality, Values};
 
     fn sample(meter: &str, time_ms: i64) -> Sample {
         Sample {
@@ -258,5 +352,67 @@ mod tests {
         let len = batch.encode().len();
         assert!(len <= MAX_BATCH_BYTES / 2, "{len}");
         assert!(len > MAX_BATCH_BYTES / 4, "{len}");
+    }
+
+    fn builder() -> GroupBuilder {
+        GroupBuilder::new(BatchCutter::new(
+            "gw",
+            Duration::from_secs(60),
+            BATCH_SIZE_LIMIT,
+        ))
+    }
+
+    fn group_times(group: &Group) -> (Vec<Vec<i64>>, Vec<i64>) {
+        (
+            group.closed.iter().map(|b| times(b)).collect(),
+            times(&group.open),
+        )
+    }
+
+    #[test]
+    fn a_group_holds_the_batches_closed_and_the_open_samples_not_yet_committed() {
+        let mut builder = builder();
+        assert_eq!(builder.take(), None, "nothing arrived: nothing to commit");
+        builder.push(sample("a", 0));
+        builder.push(sample("a", 10_000));
+        let first = builder.take().unwrap();
+        assert_eq!(group_times(&first), (vec![], vec![0, 10_000]));
+        assert_eq!(builder.take(), None);
+
+        builder.push(sample("a", 20_000));
+        // Closes [0, 60 s); 60 s and 70 s open the next batch.
+        builder.push(sample("a", 60_000));
+        builder.push(sample("a", 70_000));
+        let second = builder.take().unwrap();
+        assert_eq!(
+            group_times(&second),
+            (vec![vec![0, 10_000, 20_000]], vec![60_000, 70_000])
+        );
+
+        builder.push(sample("a", 80_000));
+        assert_eq!(
+            group_times(&builder.take().unwrap()),
+            (vec![], vec![80_000])
+        );
+        // Shutdown closes the open batch, all of whose samples are pending.
+        assert_eq!(
+            group_times(&builder.finish().unwrap()),
+            (vec![vec![60_000, 70_000, 80_000]], vec![])
+        );
+        assert_eq!(builder.finish(), None);
+    }
+
+    #[test]
+    fn a_batch_opened_and_closed_between_two_commits_is_committed_whole() {
+        let mut builder = builder();
+        builder.push(sample("a", 0));
+        builder.take().unwrap();
+        builder.push(sample("a", 60_000));
+        builder.push(sample("a", 120_000));
+        builder.push(sample("a", 130_000));
+        assert_eq!(
+            group_times(&builder.take().unwrap()),
+            (vec![vec![0], vec![60_000]], vec![120_000, 130_000])
+        );
     }
 }

@@ -2,32 +2,46 @@
 //! with the end-to-end ack protocol (DESIGN.md, "Delivery").
 //!
 //! [`state::ForwardState`] decides what to send and when to resend;
-//! [`link`] owns the MQTT connection; this module moves data between them
-//! and the buffer. Invariants:
+//! [`pace::Pacer`] paces every publish; [`link`] owns the MQTT connection;
+//! this module moves data between them and the buffer. Invariants:
 //! - Batches are read from the buffer and published in seq order; the
 //!   buffer deletes a batch only when the ingest's `Ack { seq }` arrives on
 //!   `facwatch/v1/{gw}/ack`, never on a broker PUBACK.
+//! - A buffer not yet synced with the ingest publishes nothing until the
+//!   first ack (the ingest publishes a retained `Ack { last_seq or 0 }` for
+//!   every gateway of its sites on every connect), then syncs: the buffer
+//!   renumbers its batches after the ingest's seq if needed, and this
+//!   module re-reads its position from the buffer. An ack beyond every
+//!   stored batch is a sync too.
+//! - When several acks wait, only the highest is applied (one buffer
+//!   transaction).
 //! - On every ConnAck the gateway re-subscribes to its ack topic (QoS 1),
 //!   publishes a retained `Status` online (its last will is the retained
 //!   offline status) and resends from `acked + 1`.
+//! - While a backlog exists (more batches held than one window, or any
+//!   held while the broker is unreachable) one INFO line every 60 s of
+//!   wall time reports depth, oldest unacked age, acked seq and rate.
 
 pub(crate) mod link;
+pub(crate) mod pace;
 pub(crate) mod state;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use facwatch_proto::clock::Clock;
 use facwatch_proto::topics;
 use facwatch_proto::wire::{LinkState, Status, MAX_BATCH_BYTES};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::buffer::{Buffer, BufferError};
+use crate::buffer::{AckApplied, Buffer, BufferError};
 use crate::config::MqttSettings;
 use crate::Stats;
 use link::{LinkEvent, Publisher, Refused};
+use pace::{Pacer, ReplayPace};
 use state::{AckOutcome, ForwardState, SendKind};
 
 /// Room for the MQTT fixed header, topic and packet id around a batch.
@@ -41,6 +55,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// (`Block`), which only delays reading from the broker.
 const LINK_EVENT_CAPACITY: usize = 64;
 
+/// Wall time between two backlog reports.
+const BACKLOG_REPORT_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub(crate) struct ForwardPlan {
     pub(crate) site: String,
@@ -48,6 +65,9 @@ pub(crate) struct ForwardPlan {
     pub(crate) mqtt: MqttSettings,
     pub(crate) window_batches: u32,
     pub(crate) ack_timeout: Duration,
+    pub(crate) replay: ReplayPace,
+    /// Ages samples for the backlog report.
+    pub(crate) clock: Clock,
 }
 
 struct Topics {
@@ -78,6 +98,9 @@ fn mqtt_options(plan: &ForwardPlan, status_topic: &str) -> MqttOptions {
             QoS::AtLeastOnce,
             true,
         ));
+    if let Some(credentials) = &mqtt.credentials {
+        options.set_credentials(credentials.username.clone(), credentials.password.clone());
+    }
     options
 }
 
@@ -109,13 +132,11 @@ pub(crate) async fn run(
     let state = ForwardState::new(
         meta.acked_seq,
         meta.next_seq - 1,
+        meta.synced,
         plan.window_batches,
         plan.ack_timeout,
     );
-    stats.acked_seq.store(meta.acked_seq, Ordering::Relaxed);
-    stats
-        .buffered_batches
-        .store(meta.batches, Ordering::Relaxed);
+    stats.record_buffer(&meta);
 
     let capacity = (plan.window_batches as usize).saturating_mul(2) + 8;
     let (client, eventloop) = AsyncClient::new(mqtt_options(&plan, &topics.status), capacity);
@@ -131,6 +152,7 @@ pub(crate) async fn run(
     ));
 
     let mut forwarder = Forwarder {
+        pacer: Pacer::new(plan.replay),
         plan,
         topics,
         buffer,
@@ -139,6 +161,7 @@ pub(crate) async fn run(
         publisher,
         generation: None,
         broker_down_logged: false,
+        acked_at_last_report: (meta.acked_seq, Instant::now()),
     };
     let result = forwarder.forward(events, appended, &stop).await;
 
@@ -166,10 +189,13 @@ struct Forwarder {
     buffer: Arc<Buffer>,
     stats: Arc<Stats>,
     state: ForwardState,
+    pacer: Pacer,
     publisher: Publisher,
     /// The connection generation the state was last told about.
     generation: Option<u64>,
     broker_down_logged: bool,
+    /// Acked seq and wall time of the last backlog report.
+    acked_at_last_report: (u64, Instant),
 }
 
 impl Forwarder {
@@ -181,8 +207,13 @@ impl Forwarder {
     ) -> Result<(), BufferError> {
         let mut appends_open = true;
         self.state.on_appended(*appended.borrow_and_update());
+        let mut reports = tokio::time::interval_at(
+            tokio::time::Instant::now() + BACKLOG_REPORT_EVERY,
+            BACKLOG_REPORT_EVERY,
+        );
+        reports.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            self.pump().await?;
+            let paced_until = self.pump().await?;
             if !appends_open && self.state.all_acked() {
                 tracing::info!(
                     site = %self.plan.site,
@@ -196,7 +227,7 @@ impl Forwarder {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
                 event = events.recv() => match event {
-                    Some(event) => self.on_link_event(event).await?,
+                    Some(event) => self.on_link_events(event, &mut events).await?,
                     // The driver only ends when told to.
                     None => return Ok(()),
                 },
@@ -218,21 +249,62 @@ impl Forwarder {
                         );
                     }
                 }
+                () = tokio::time::sleep_until(paced_until.unwrap_or_else(tokio::time::Instant::now)),
+                    if paced_until.is_some() => {}
+                _ = reports.tick() => self.report_backlog(),
             }
         }
     }
 
-    async fn on_link_event(&mut self, event: LinkEvent) -> Result<(), BufferError> {
+    /// Handles `first` and every event already waiting behind it; of a run
+    /// of acks only the highest is applied.
+    async fn on_link_events(
+        &mut self,
+        first: LinkEvent,
+        events: &mut mpsc::Receiver<LinkEvent>,
+    ) -> Result<(), BufferError> {
+        let mut next = Some(first);
+        while let Some(event) = next.take() {
+            let LinkEvent::Ack { seq } = event else {
+                self.on_link_event(event);
+                next = events.try_recv().ok();
+                continue;
+            };
+            let mut highest = seq;
+            loop {
+                match events.try_recv() {
+                    Ok(LinkEvent::Ack { seq }) => highest = highest.max(seq),
+                    Ok(other) => {
+                        next = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.on_ack(highest).await?;
+        }
+        Ok(())
+    }
+
+    fn on_link_event(&mut self, event: LinkEvent) {
         let site = &self.plan.site;
         let gateway = &self.plan.gateway;
         match event {
             LinkEvent::Connected { generation } => {
-                tracing::info!(
-                    %site, %gateway,
-                    broker = %format!("{}:{}", self.plan.mqtt.host, self.plan.mqtt.port),
-                    from_seq = self.state.acked() + 1,
-                    "Connected to the MQTT broker; sending from the last ack."
-                );
+                if self.state.synced() {
+                    tracing::info!(
+                        %site, %gateway,
+                        broker = %format!("{}:{}", self.plan.mqtt.host, self.plan.mqtt.port),
+                        from_seq = self.state.acked() + 1,
+                        "Connected to the MQTT broker; sending from the last ack."
+                    );
+                } else {
+                    tracing::info!(
+                        %site, %gateway,
+                        broker = %format!("{}:{}", self.plan.mqtt.host, self.plan.mqtt.port),
+                        "Connected to the MQTT broker; waiting for the ingest's ack before sending from a fresh buffer."
+                    );
+                }
                 self.broker_down_logged = false;
                 self.generation = Some(generation);
                 self.state.on_connected();
@@ -254,72 +326,125 @@ impl Forwarder {
                 self.generation = None;
                 self.state.on_disconnected();
             }
-            LinkEvent::Ack { seq } => match self.state.on_ack(seq, Instant::now()) {
-                AckOutcome::Stale => {}
-                AckOutcome::Released { seq } => self.release(seq).await?,
-                AckOutcome::BeyondAppended { seq } => {
-                    tracing::warn!(
-                        %site, %gateway, seq,
-                        "The ingest acked a seq this buffer never held; numbering new batches after it."
-                    );
-                    self.release(seq).await?;
-                }
-            },
+            LinkEvent::Ack { .. } => unreachable!("acks are handled by on_ack"),
             LinkEvent::BadAck { error } => {
                 tracing::warn!(%site, %gateway, %error, "Ignored a malformed ack.");
             }
         }
-        Ok(())
     }
 
-    async fn release(&mut self, seq: u64) -> Result<(), BufferError> {
-        let held = blocking(&self.buffer, move |b| b.ack(seq)).await?;
-        self.stats.acked_seq.store(seq, Ordering::Relaxed);
-        self.stats.buffered_batches.store(held, Ordering::Relaxed);
-        tracing::debug!(site = %self.plan.site, gateway = %self.plan.gateway, seq, held, "Ingest acked.");
-        Ok(())
-    }
-
-    /// Publishes as much as the state allows now.
-    async fn pump(&mut self) -> Result<(), BufferError> {
-        let Some(generation) = self.generation else {
+    async fn on_ack(&mut self, seq: u64) -> Result<(), BufferError> {
+        if self.state.synced() && seq <= self.state.acked() {
             return Ok(());
+        }
+        let applied = blocking(&self.buffer, move |b| b.ack(seq)).await?;
+        let AckApplied {
+            synced_now,
+            renumbered,
+            meta,
+        } = applied;
+        if synced_now {
+            tracing::info!(
+                site = %self.plan.site, gateway = %self.plan.gateway,
+                ack_seq = seq, renumbered, next_seq = meta.next_seq,
+                "Synced the buffer with the ingest; sending from its last seq."
+            );
+            self.state.resync(meta.acked_seq, meta.next_seq - 1);
+        } else if let AckOutcome::Released { seq } = self.state.on_ack(seq, Instant::now()) {
+            tracing::debug!(site = %self.plan.site, gateway = %self.plan.gateway, seq, held = meta.batches, "Ingest acked.");
+        }
+        self.stats.record_buffer(&meta);
+        Ok(())
+    }
+
+    /// Publishes as much as the state and the pacer allow now. Returns when
+    /// the pacer lets the next publish go, if it holds one back.
+    async fn pump(&mut self) -> Result<Option<tokio::time::Instant>, BufferError> {
+        let Some(generation) = self.generation else {
+            return Ok(None);
         };
         while let Some((from, count)) = self.state.sendable() {
-            let last = from + count - 1;
+            if let Some(at) = self.pacer.wait_until(tokio::time::Instant::now()) {
+                return Ok(Some(at));
+            }
+            // Paced: read only what may go now (one batch).
+            let count = if self.pacer.is_unlimited() { count } else { 1 };
             let batches =
                 blocking(&self.buffer, move |b| b.range_from(from, count as usize)).await?;
-            let batches: Vec<_> = batches
-                .into_iter()
-                .filter(|(seq, _)| *seq <= last)
-                .collect();
-            if batches.is_empty() {
-                tracing::error!(
-                    site = %self.plan.site, gateway = %self.plan.gateway, from, last,
-                    "Batches to send are missing from the buffer."
-                );
-                return Ok(());
+            // Held seqs are contiguous; anything before the first held one
+            // (or everything, if none is held) was dropped by the limits.
+            match batches.first() {
+                None => {
+                    self.state.on_missing(self.state.last_appended());
+                    continue;
+                }
+                Some(&(first, _)) if first > from => {
+                    self.state.on_missing(first - 1);
+                    continue;
+                }
+                Some(_) => {}
             }
             for (seq, bytes) in batches {
+                if seq >= from + count {
+                    break;
+                }
+                let len = bytes.len();
                 match self
                     .publisher
                     .publish(generation, &self.topics.batch, false, bytes)
                 {
-                    Ok(()) => match self.state.on_sent(seq, Instant::now()) {
-                        SendKind::First => {
-                            self.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                    Ok(()) => {
+                        self.pacer.on_sent(tokio::time::Instant::now(), len);
+                        match self.state.on_sent(seq, Instant::now()) {
+                            SendKind::First => {
+                                self.stats.batches_sent.fetch_add(1, Ordering::Relaxed);
+                            }
+                            SendKind::Resend => {
+                                self.stats.batches_resent.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
-                        SendKind::Resend => {
-                            self.stats.batches_resent.fetch_add(1, Ordering::Relaxed);
-                        }
-                    },
+                    }
                     // A Disconnected event is on its way; or the client's
                     // queue is full and the ack deadline brings us back.
-                    Err(Refused::NotConnected | Refused::QueueFull) => return Ok(()),
+                    Err(Refused::NotConnected | Refused::QueueFull) => return Ok(None),
                 }
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// One INFO line while a backlog exists.
+    fn report_backlog(&mut self) {
+        let held = self.stats.buffer_batches.load(Ordering::Relaxed);
+        let backlog =
+            held > u64::from(self.plan.window_batches) || (held > 0 && !self.state.connected());
+        let (acked_then, then) = self.acked_at_last_report;
+        let acked = self.state.acked();
+        let now = Instant::now();
+        self.acked_at_last_report = (acked, now);
+        if !backlog {
+            return;
+        }
+        let oldest_ms = self.stats.oldest_unacked_sample_ms.load(Ordering::Relaxed) as i64;
+        let oldest_age_secs = if oldest_ms == 0 {
+            0
+        } else {
+            (self.plan.clock.now_ms() - oldest_ms).max(0) / 1000
+        };
+        let elapsed = now.duration_since(then).as_secs_f64().max(f64::EPSILON);
+        let acked_per_sec = acked.saturating_sub(acked_then) as f64 / elapsed;
+        tracing::info!(
+            site = %self.plan.site,
+            gateway = %self.plan.gateway,
+            buffered_batches = held,
+            buffered_bytes = self.stats.buffer_bytes.load(Ordering::Relaxed),
+            oldest_unacked_age_secs = oldest_age_secs,
+            acked_seq = acked,
+            acked_batches_per_sec = format!("{acked_per_sec:.1}"),
+            connected = self.state.connected(),
+            synced = self.state.synced(),
+            "Backlog waiting for the ingest."
+        );
     }
 }
 
@@ -327,5 +452,41 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(credentials: Option<crate::MqttCredentials>) -> ForwardPlan {
+        let mut mqtt = MqttSettings::new("127.0.0.1", 1883, "gw-01");
+        mqtt.credentials = credentials;
+        ForwardPlan {
+            site: "s".into(),
+            gateway: "gw-01".into(),
+            mqtt,
+            window_batches: 16,
+            ack_timeout: Duration::from_secs(5),
+            replay: ReplayPace::UNLIMITED,
+            clock: Clock::real(),
+        }
+    }
+
+    #[test]
+    fn credentials_go_into_the_connect_packet_and_only_when_given() {
+        let with = mqtt_options(
+            &plan(Some(crate::MqttCredentials {
+                username: "gw-01".into(),
+                password: "secret".into(),
+            })),
+            "status",
+        );
+        let login = with.credentials().expect("a login");
+        assert_eq!(
+            (login.username.as_str(), login.password.as_str()),
+            ("gw-01", "secret")
+        );
+        assert!(mqtt_options(&plan(None), "status").credentials().is_none());
     }
 }

@@ -110,6 +110,14 @@ pub async fn run(
             });
         }
     }
+    if let Some(until_ms) = settings.until_ms.filter(|_| !shutdown.is_cancelled()) {
+        tracing::info!(
+            site = %settings.site,
+            gateway = %settings.gateway,
+            until_ms,
+            "Polling reached its end time."
+        );
+    }
     failure.map_or(Ok(()), Err)
 }
 
