@@ -9,7 +9,12 @@
 //! - `mqtt.host`/`mqtt.port` are where the ingest connects: the broker's own
 //!   address in external mode, the `listen` address in embedded mode (the
 //!   caller that starts the embedded broker replaces the port when `listen`
-//!   asks for port 0).
+//!   asks for port 0);
+//! - credentials only with an external broker, username and password both
+//!   or neither; the password never appears in `Debug` output or logs;
+//! - the session is persistent (clean_session = false) with an external
+//!   broker, which then queues QoS 1 batches while the ingest is away, and
+//!   clean with the embedded one (rumqttd keeps nothing anyway).
 //!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem;
 //! paths in the file are relative to the file.
@@ -40,6 +45,28 @@ pub struct Settings {
     /// What "now" is for the historical flag of events: the wall clock in
     /// the field, the simulation's clock in a simulated world.
     pub clock: Clock,
+    /// Login at the broker (`[mqtt] username`/`password`, external mode).
+    pub mqtt_credentials: Option<Credentials>,
+    /// Connect with clean_session = false, so the broker keeps the batch
+    /// subscription and queues batches while the ingest is down. `load`
+    /// sets it for an external broker; `Settings::new` leaves it off.
+    pub mqtt_persistent_session: bool,
+}
+
+/// A username and password for the broker. `Debug` shows the username only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Where the MQTT broker runs.
@@ -80,6 +107,8 @@ impl Settings {
             broker: BrokerMode::External,
             mqtt,
             clock: Clock::real(),
+            mqtt_credentials: None,
+            mqtt_persistent_session: false,
         })
     }
 
@@ -103,10 +132,12 @@ impl Settings {
         let client_id = raw
             .mqtt
             .client_id
+            .clone()
             .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string());
         validate_id(&client_id).map_err(|p| ConfigError::new(file, "mqtt.client_id", p))?;
 
         let (broker, host, port) = broker_of(&raw.broker, file)?;
+        let mqtt_credentials = credentials_of(&raw.mqtt, broker, file)?;
         Ok(Settings {
             sites: sites.into_iter().map(|(_, site)| site).collect(),
             store_path,
@@ -117,6 +148,8 @@ impl Settings {
                 client_id,
             },
             clock: Clock::real(),
+            mqtt_credentials,
+            mqtt_persistent_session: broker == BrokerMode::External,
         })
     }
 
@@ -173,6 +206,45 @@ fn broker_of(raw: &raw::Broker, file: &str) -> Result<(BrokerMode, String, u16),
             Ok((BrokerMode::External, host, port))
         }
     }
+}
+
+fn credentials_of(
+    raw: &raw::Mqtt,
+    broker: BrokerMode,
+    file: &str,
+) -> Result<Option<Credentials>, ConfigError> {
+    let (username, password) = match (&raw.username, &raw.password) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                file,
+                "mqtt.password",
+                "is required when mqtt.username is set",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                file,
+                "mqtt.username",
+                "is required when mqtt.password is set",
+            ))
+        }
+        (Some(username), Some(password)) => (username, password),
+    };
+    if let BrokerMode::Embedded { .. } = broker {
+        return Err(ConfigError::new(
+            file,
+            "mqtt.username",
+            "is not used with broker.mode = \"embedded\" (the embedded broker has no logins); remove mqtt.username and mqtt.password",
+        ));
+    }
+    if username.is_empty() {
+        return Err(ConfigError::new(file, "mqtt.username", "must not be empty"));
+    }
+    Ok(Some(Credentials {
+        username: username.clone(),
+        password: password.clone(),
+    }))
 }
 
 /// The address a local client uses to reach a listener bound to `ip`.
@@ -298,6 +370,8 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub(super) struct Mqtt {
         pub(super) client_id: Option<String>,
+        pub(super) username: Option<String>,
+        pub(super) password: Option<String>,
     }
 }
 
@@ -343,6 +417,8 @@ mod tests {
                 client_id: "facwatch-ingest".into()
             }
         );
+        assert_eq!(settings.mqtt_credentials, None);
+        assert!(!settings.mqtt_persistent_session);
         assert_eq!(settings.site_of_gateway("gw-01").unwrap().id, "tx-dyeing");
         assert!(settings.site_of_gateway("gw-99").is_none());
     }
@@ -369,6 +445,82 @@ client_id = "ingest-2"
                 port: 8883,
                 client_id: "ingest-2".into()
             }
+        );
+        assert_eq!(settings.mqtt_credentials, None);
+        assert!(settings.mqtt_persistent_session);
+    }
+
+    const EXTERNAL: &str = r#"
+sites_dir = "sites"
+store_path = "ingest.redb"
+[broker]
+mode = "external"
+host = "127.0.0.1"
+[mqtt]
+"#;
+
+    #[test]
+    fn external_broker_credentials_are_read_and_never_shown_by_debug() {
+        let config = format!("{EXTERNAL}username = \"ingest\"\npassword = \"s3cret\"\n");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let settings = load(&dir).unwrap();
+        assert_eq!(
+            settings.mqtt_credentials,
+            Some(Credentials {
+                username: "ingest".into(),
+                password: "s3cret".into()
+            })
+        );
+        let shown = format!("{settings:?}");
+        assert!(shown.contains("username: \"ingest\""), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+    }
+
+    #[test]
+    fn username_and_password_come_together() {
+        for (extra, key, problem) in [
+            (
+                "username = \"ingest\"",
+                "mqtt.password",
+                "is required when mqtt.username is set",
+            ),
+            (
+                "password = \"s3cret\"",
+                "mqtt.username",
+                "is required when mqtt.password is set",
+            ),
+            (
+                "username = \"\"\npassword = \"s3cret\"",
+                "mqtt.username",
+                "must not be empty",
+            ),
+        ] {
+            let dir = config_dir(
+                &format!("{EXTERNAL}{extra}\n"),
+                &[("plant.site.toml", SITE)],
+            );
+            let err = load(&dir).unwrap_err();
+            assert_eq!(
+                (err.key.as_deref(), err.problem.as_str()),
+                (Some(key), problem)
+            );
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn credentials_are_refused_with_the_embedded_broker() {
+        let config = DEFAULT_CONFIG.replace(
+            "client_id = \"facwatch-ingest\"",
+            "client_id = \"facwatch-ingest\"\nusername = \"u\"\npassword = \"p\"",
+        );
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("mqtt.username"));
+        assert!(
+            err.problem
+                .starts_with("is not used with broker.mode = \"embedded\""),
+            "{err}"
         );
     }
 

@@ -7,7 +7,8 @@
 //! [`broker`] runs the embedded MQTT broker; [`config`] reads `ingest.toml`.
 //!
 //! The delivery invariant (DESIGN.md "Delivery"): a batch's `last_seq`,
-//! detector state and events commit in one store transaction, and its ack is
+//! detector state and events commit in one store transaction (shared by the
+//! batches that were queued together, see `receive::apply`), and its ack is
 //! published only after that commit.
 
 pub mod broker;
@@ -18,6 +19,9 @@ mod receive;
 mod stats;
 pub mod store;
 
+#[cfg(test)]
+mod bench;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +30,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{BrokerMode, MqttSettings, Settings};
+pub use config::{BrokerMode, Credentials, MqttSettings, Settings};
 pub use stats::{Stats, StatsSnapshot};
 pub use store::{Store, StoreError};
 
 use crate::detect::SnapshotError;
 use crate::emit::Publisher;
-use crate::receive::apply::Applier;
+use crate::receive::apply::{Applier, ApplyTask};
 
 /// How long `run` waits, after the last batch, for the MQTT client to send
 /// what it has queued and disconnect.
@@ -62,23 +66,23 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let store = Arc::new(Store::open(&settings.store_path)?);
-    let (client, eventloop) = AsyncClient::new(
-        receive::mqtt_options(&settings.mqtt),
-        receive::REQUEST_QUEUE,
-    );
+    let (client, mut eventloop) =
+        AsyncClient::new(receive::mqtt_options(&settings), receive::REQUEST_QUEUE);
+    eventloop.set_network_options(receive::network_options());
     let publisher = Publisher::new(client.clone(), stats.clone());
-    let applier = Applier::new(
-        &settings.sites,
-        store,
+    let applier = ApplyTask::new(
+        Applier::new(&settings.sites, store)?,
         publisher,
         stats.clone(),
         settings.clock,
-    )?;
+    );
     info!(
         sites = settings.sites.len(),
         store = %settings.store_path.display(),
         host = %settings.mqtt.host,
         port = settings.mqtt.port,
+        persistent_session = settings.mqtt_persistent_session,
+        username = settings.mqtt_credentials.as_ref().map(|c| c.username.as_str()),
         "Ingest starting."
     );
 
@@ -91,7 +95,7 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    // Returns after `shutdown`, with the batch in progress finished. The
+    // Returns after `shutdown`, with the group in progress finished. The
     // applier holds the only other reference to the store, so the database
     // is closed when it returns.
     applier.run(batch_rx, shutdown.clone()).await;

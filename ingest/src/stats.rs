@@ -39,6 +39,13 @@ pub struct Stats {
     pub events_opened: AtomicU64,
     /// Events that reached status closed.
     pub events_closed: AtomicU64,
+    /// R5 events for samples a gateway discarded (also in `events_opened`).
+    pub data_interruptions: AtomicU64,
+    /// Store transactions that applied batches (a group of one or more).
+    pub groups_committed: AtomicU64,
+    /// Acks queued for the broker: one per gateway per group, and one per
+    /// gateway on every connection.
+    pub acks_published: AtomicU64,
     /// Acks and event messages dropped because the MQTT client stayed busy
     /// (a dropped ack only delays the gateway until it resends).
     pub publishes_dropped: AtomicU64,
@@ -63,6 +70,9 @@ pub struct StatsSnapshot {
     pub apply_failures: u64,
     pub events_opened: u64,
     pub events_closed: u64,
+    pub data_interruptions: u64,
+    pub groups_committed: u64,
+    pub acks_published: u64,
     pub publishes_dropped: u64,
     pub broker_subscriptions: u64,
     pub broker_connection_failures: u64,
@@ -83,6 +93,9 @@ impl Stats {
             apply_failures: get(&self.apply_failures),
             events_opened: get(&self.events_opened),
             events_closed: get(&self.events_closed),
+            data_interruptions: get(&self.data_interruptions),
+            groups_committed: get(&self.groups_committed),
+            acks_published: get(&self.acks_published),
             publishes_dropped: get(&self.publishes_dropped),
             broker_subscriptions: get(&self.broker_subscriptions),
             broker_connection_failures: get(&self.broker_connection_failures),

@@ -1,5 +1,6 @@
 //! The ingest's delivery contract over a real (embedded) broker: acks,
-//! duplicates, rejects and restarts. Each test runs its own broker on port 0
+//! duplicates, rejects, restarts, acks on every connection, and the R5
+//! event for data a gateway discarded. Each test runs its own broker on port 0
 //! and its own store; every wait is on a message or a counter, bounded by
 //! [`LIMIT`].
 
@@ -8,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use facwatch_ingest::broker::{start_embedded, EmbeddedBroker, MAX_PACKET_BYTES};
+use facwatch_ingest::detect::Rule;
 use facwatch_ingest::{MqttSettings, Settings, Stats, StatsSnapshot, Store};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
@@ -112,14 +114,14 @@ impl World {
         self.dir.path().join("ingest.redb")
     }
 
-    fn settings(&self) -> Settings {
+    fn settings(&self, broker: &EmbeddedBroker) -> Settings {
         let site = Site::load(&self.dir.path().join("plant.site.toml")).unwrap();
         Settings::new(
             vec![site],
             self.store_path(),
             MqttSettings {
-                host: self.broker.addr.ip().to_string(),
-                port: self.broker.addr.port(),
+                host: broker.addr.ip().to_string(),
+                port: broker.addr.port(),
                 client_id: "facwatch-ingest".into(),
             },
         )
@@ -128,10 +130,15 @@ impl World {
 
     /// Starts `run` and waits until its batch subscription is confirmed.
     async fn start_ingest(&self) -> Ingest {
+        self.start_ingest_on(&self.broker).await
+    }
+
+    /// Starts `run` connected to `broker`.
+    async fn start_ingest_on(&self, broker: &EmbeddedBroker) -> Ingest {
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(facwatch_ingest::run(
-            self.settings(),
+            self.settings(broker),
             stats.clone(),
             shutdown.clone(),
         ));
@@ -249,6 +256,26 @@ impl Peer {
         let ack = Ack::decode(&message.payload).expect("an ack payload");
         (message.topic, ack.seq, message.retain)
     }
+
+    /// The next `n` acks, sorted by topic: (gateway topic, seq).
+    async fn next_acks(&mut self, n: usize) -> Vec<(String, u64)> {
+        let mut acks = Vec::new();
+        for _ in 0..n {
+            let (topic, seq, _) = self.next_ack().await;
+            acks.push((topic, seq));
+        }
+        acks.sort();
+        acks
+    }
+
+    /// Reads the acks the ingest publishes for both gateways when it
+    /// connects, and checks their seqs.
+    async fn expect_connect_acks(&mut self, gw_a: u64, gw_b: u64) {
+        assert_eq!(
+            self.next_acks(2).await,
+            vec![(ack_topic("gw-a"), gw_a), (ack_topic("gw-b"), gw_b)]
+        );
+    }
 }
 
 fn batch(gateway: &str, seq: u64, samples: usize) -> Batch {
@@ -295,17 +322,18 @@ async fn acks_are_retained_and_duplicates_are_reacked_not_applied_twice() {
         let world = World::new();
         let ingest = world.start_ingest().await;
         let mut gateway = gateway_peer(&world, "gw-a-test").await;
+        gateway.expect_connect_acks(0, 0).await;
 
         gateway.send_batch(&batch("gw-a", 1, 3)).await;
-        gateway.send_batch(&batch("gw-a", 2, 2)).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 1, false));
+        gateway.send_batch(&batch("gw-a", 2, 2)).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 2, false));
 
         // The gateway missed the acks and resends: both are re-acked with
         // the last applied seq and not applied again.
         gateway.send_batch(&batch("gw-a", 2, 2)).await;
-        gateway.send_batch(&batch("gw-a", 1, 3)).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 2, false));
+        gateway.send_batch(&batch("gw-a", 1, 3)).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 2, false));
 
         let stats = ingest.stats();
@@ -333,6 +361,7 @@ async fn bad_payloads_are_rejected_by_reason_while_good_batches_flow() {
         let world = World::new();
         let ingest = world.start_ingest().await;
         let mut peer = gateway_peer(&world, "mixed-test").await;
+        peer.expect_connect_acks(0, 0).await;
 
         peer.send_batch(&batch("gw-a", 1, 2)).await;
         assert_eq!(peer.next_ack().await, (ack_topic("gw-a"), 1, false));
@@ -355,14 +384,23 @@ async fn bad_payloads_are_rejected_by_reason_while_good_batches_flow() {
         peer.publish("facwatch/v1/events/batch", good_b.clone())
             .await;
 
-        // The good gateway keeps flowing, and gw-b's real batch still applies.
+        // The good gateway keeps flowing, and gw-b's real batch still
+        // applies. Whether they share a group with the rejects or each other
+        // depends on timing; the acks come in the order of the batches.
         peer.send_batch(&batch("gw-a", 2, 3)).await;
         peer.publish(&gw_b_topic, good_b).await;
         assert_eq!(peer.next_ack().await, (ack_topic("gw-a"), 2, false));
         assert_eq!(peer.next_ack().await, (ack_topic("gw-b"), 1, false));
 
+        // Counted just after being queued: the last may be counted only
+        // after its message arrived.
+        timeout(LIMIT, ingest.stats.wait_until(|s| s.acks_published >= 5))
+            .await
+            .expect("acks counted");
+        let stats = ingest.stats();
+        assert!((2..=3).contains(&stats.groups_committed), "{stats:?}");
         assert_eq!(
-            ingest.stats(),
+            stats,
             StatsSnapshot {
                 batches_applied: 3,
                 samples_applied: 2 + 3 + 4,
@@ -370,6 +408,9 @@ async fn bad_payloads_are_rejected_by_reason_while_good_batches_flow() {
                 rejected_unknown_gateway: 2,
                 rejected_gateway_mismatch: 1,
                 broker_subscriptions: 1,
+                // Two on connecting, one per applied batch.
+                acks_published: 2 + 3,
+                groups_committed: stats.groups_committed,
                 ..StatsSnapshot::default()
             }
         );
@@ -387,16 +428,22 @@ async fn state_survives_a_restart_of_run() {
         let world = World::new();
         let first = world.start_ingest().await;
         let mut gateway = gateway_peer(&world, "restart-test").await;
+        gateway.expect_connect_acks(0, 0).await;
         gateway.send_batch(&batch("gw-a", 1, 3)).await;
         gateway.send_batch(&batch("gw-a", 2, 2)).await;
-        assert_eq!(gateway.next_ack().await.1, 1);
-        assert_eq!(gateway.next_ack().await.1, 2);
+        // One ack per group: 1 then 2, or only 2.
+        let mut ack = gateway.next_ack().await;
+        if ack.1 == 1 {
+            ack = gateway.next_ack().await;
+        }
+        assert_eq!(ack, (ack_topic("gw-a"), 2, false));
         first.stop().await;
 
         // The store is closed when run returns; it holds the applied state.
         assert_eq!(store_facts(&world.store_path(), "gw-a"), (Some(2), 5));
 
         let second = world.start_ingest().await;
+        gateway.expect_connect_acks(2, 0).await;
         // A resend from before the restart is still a duplicate.
         gateway.send_batch(&batch("gw-a", 2, 2)).await;
         assert_eq!(gateway.next_ack().await, (ack_topic("gw-a"), 2, false));
@@ -420,9 +467,10 @@ async fn state_survives_a_restart_of_run() {
                 stats.samples_applied,
                 stats.batches_duplicate,
                 stats.batches_out_of_order,
-                stats.sequence_gaps
+                stats.sequence_gaps,
+                stats.data_interruptions,
             ),
-            (2, 5, 1, 1, 1)
+            (2, 5, 1, 1, 1, 1)
         );
         second.stop().await;
 
@@ -433,6 +481,9 @@ async fn state_survives_a_restart_of_run() {
         assert_eq!(counters.samples_applied, 3 + 2 + 1 + 4);
         assert_eq!(counters.sequence_gaps, 1);
         assert_eq!(counters.batches_missing, 2);
+        assert_eq!(counters.samples_dropped_by_gateway, 7);
+        let rules: Vec<Rule> = store.events().unwrap().iter().map(|e| e.rule).collect();
+        assert_eq!(rules, vec![Rule::R5]);
     })
     .await
     .expect("test finished in time");
@@ -480,4 +531,99 @@ async fn run_keeps_retrying_an_unreachable_broker_and_stops_on_shutdown() {
         .unwrap();
     // The store was closed on the way out.
     Store::open(&dir.path().join("ingest.redb")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_publishes_a_retained_ack_for_every_gateway() {
+    timeout(LIMIT * 3, async {
+        let world = World::new();
+        let first = world.start_ingest().await;
+        // A fresh store: ack 0 for both, so fresh gateways start sending.
+        let mut late = Peer::connect(&world.broker, "late-1").await;
+        late.subscribe("facwatch/v1/+/ack").await;
+        late.expect_connect_acks(0, 0).await;
+        late.send_batch(&batch("gw-a", 1, 3)).await;
+        assert_eq!(late.next_ack().await, (ack_topic("gw-a"), 1, false));
+        late.send_batch(&batch("gw-a", 2, 2)).await;
+        assert_eq!(late.next_ack().await, (ack_topic("gw-a"), 2, false));
+        first.stop().await;
+
+        // A broker that lost every retained message (here: a new one).
+        let forgetful = start_embedded("127.0.0.1:0".parse().unwrap()).unwrap();
+        let second = world.start_ingest_on(&forgetful).await;
+        let mut seen = Peer::connect(&forgetful, "late-2").await;
+        seen.subscribe("facwatch/v1/+/ack").await;
+        seen.expect_connect_acks(2, 0).await;
+        // Both acks are retained: a subscriber after them gets them too.
+        let mut later = Peer::connect(&forgetful, "late-3").await;
+        later.subscribe("facwatch/v1/+/ack").await;
+        let mut retained = vec![later.next_ack().await, later.next_ack().await];
+        retained.sort();
+        assert_eq!(
+            retained,
+            vec![(ack_topic("gw-a"), 2, true), (ack_topic("gw-b"), 0, true)]
+        );
+        timeout(LIMIT, second.stats.wait_until(|s| s.acks_published >= 2))
+            .await
+            .expect("acks counted");
+        assert_eq!(second.stats().acks_published, 2);
+        second.stop().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_discarded_by_the_gateway_become_an_r5_event_on_the_events_topic() {
+    timeout(LIMIT * 3, async {
+        let world = World::new();
+        let ingest = world.start_ingest().await;
+        let mut platform = Peer::connect(&world.broker, "platform").await;
+        platform.subscribe(&topics::events("plant")).await;
+        let mut gateway = gateway_peer(&world, "r5-test").await;
+        gateway.expect_connect_acks(0, 0).await;
+
+        gateway.send_batch(&batch("gw-b", 1, 2)).await;
+        assert_eq!(gateway.next_ack().await, (ack_topic("gw-b"), 1, false));
+        // Batches 2..=4 and 1,234 samples were discarded by the gateway.
+        let mut after_loss = batch("gw-b", 5, 1);
+        after_loss.dropped_before = 1234;
+        gateway.send_batch(&after_loss).await;
+        assert_eq!(gateway.next_ack().await, (ack_topic("gw-b"), 5, false));
+
+        let message = platform.next_message().await;
+        assert_eq!(message.topic, "facwatch/v1/events/plant");
+        let json: serde_json::Value = serde_json::from_slice(&message.payload).unwrap();
+        // Newest sample of batch 1: (100 + 1) polls after the base time;
+        // oldest of batch 5: 500 polls after it. Times in Asia/Shanghai.
+        assert_eq!(json["rule"], "R5");
+        assert_eq!(json["gateway"], "gw-b");
+        assert_eq!(json["line"], "*");
+        assert_eq!(json["status"], "closed");
+        assert_eq!(json["start"], "2022-12-13T14:53:30+08:00");
+        assert_eq!(json["end"], "2022-12-13T18:13:00+08:00");
+        assert_eq!(json["samples_dropped"], 1234);
+        assert_eq!(json["batches_missing"], 3);
+        assert_eq!(
+            json["facilities"],
+            serde_json::json!(["b-fan", "b-stenter"])
+        );
+
+        let stats = ingest.stats();
+        assert_eq!(
+            (
+                stats.data_interruptions,
+                stats.events_opened,
+                stats.events_closed
+            ),
+            (1, 1, 1)
+        );
+        ingest.stop().await;
+        let store = world.open_store();
+        let events = store.events().unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(json, events[0].to_json("Asia/Shanghai".parse().unwrap()));
+    })
+    .await
+    .expect("test finished in time");
 }

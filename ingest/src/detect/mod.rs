@@ -10,12 +10,21 @@
 //! - A line's clock is the latest acquisition time of its samples; arrival
 //!   time never matters, so a replay yields the intervals a live run would.
 //! - A gap in data makes facilities unknown, never stopped
-//!   ([`facility`]); R1 needs a production facility known to be running
+//!   (`facility`); R1 needs a production facility known to be running
 //!   and a critical treatment facility known to be stopped.
 //! - Event id = hash(site, line, rule, start): writing an event again (a
-//!   widened or closed version) replaces it, never duplicates it.
+//!   widened or closed version) replaces it, never duplicates it. An event
+//!   about a whole gateway has the line [`ALL_LINES`] and the id
+//!   hash(site, `{gateway}/*`, rule, start) (ids never contain `/`, so it
+//!   cannot collide with a line's).
+//! - The snapshot holds everything detection depends on, including the time
+//!   of the newest sample the gateway delivered (the start of the next data
+//!   interruption): restoring it and applying the rest yields the events of
+//!   one uninterrupted pass.
 //!
-//! Rules implemented so far: R1 (treatment stopped while production runs).
+//! Rules implemented so far: R1 (treatment stopped while production runs)
+//! and the delivery part of R5 (samples the gateway discarded, reported by
+//! the delivery layer as [`DataLoss`]; see [`GatewayDetector::apply_batch`]).
 
 mod facility;
 mod interval;
@@ -34,26 +43,77 @@ use facility::{FacilityState, Limits, Transition};
 use interval::{Change, Condition, Durations, Phase};
 
 /// Version byte of a persisted [`GatewayDetector`] snapshot and of a stored
-/// [`Event`].
-const SNAPSHOT_VERSION: u8 = 2;
-const EVENT_VERSION: u8 = 1;
+/// [`Event`]. Snapshots of version 2 (no newest sample time) and events of
+/// version 1 (no data loss, rules by variant index) are still read.
+const SNAPSHOT_VERSION: u8 = 3;
+const SNAPSHOT_VERSION_2: u8 = 2;
+const EVENT_VERSION: u8 = 2;
+const EVENT_VERSION_1: u8 = 1;
+
+/// The `line` of an event about every line a gateway reads (R5 for a whole
+/// gateway); its `gateway` field says which gateway.
+pub const ALL_LINES: &str = "*";
 
 /// A closed interval whose end lies more than this behind wall time was
 /// found in a replay: it is marked historical.
 const HISTORICAL_LAG_MS: i64 = 15 * 60 * 1000;
 
-/// The rules facwatch evaluates (DOMAIN.md).
+/// The rules facwatch evaluates (DOMAIN.md). Stored as their number (R5 is
+/// 5), so variants can be added in any order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "u8", try_from = "u8")]
 pub enum Rule {
     /// Treatment stopped while production runs.
     R1,
+    /// Data interruption. So far: samples the gateway discarded (its buffer
+    /// was full), reported with the batch after them.
+    R5,
 }
 
 impl Rule {
     pub fn as_str(self) -> &'static str {
         match self {
             Rule::R1 => "R1",
+            Rule::R5 => "R5",
         }
+    }
+}
+
+impl From<Rule> for u8 {
+    fn from(rule: Rule) -> u8 {
+        match rule {
+            Rule::R1 => 1,
+            Rule::R5 => 5,
+        }
+    }
+}
+
+impl TryFrom<u8> for Rule {
+    type Error = String;
+
+    fn try_from(number: u8) -> Result<Rule, String> {
+        match number {
+            1 => Ok(Rule::R1),
+            5 => Ok(Rule::R5),
+            other => Err(format!("unknown rule R{other}")),
+        }
+    }
+}
+
+/// Data the delivery layer knows is lost before a batch: the gateway
+/// discarded samples (`dropped_before`), possibly whole batches (a gap in
+/// `seq`). It cannot be recovered; it becomes an R5 event.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataLoss {
+    /// Samples the gateway discarded (the batch's `dropped_before`).
+    pub samples_dropped: u64,
+    /// Sequence numbers skipped between the previous batch and this one.
+    pub batches_missing: u64,
+}
+
+impl DataLoss {
+    pub fn is_none(&self) -> bool {
+        self.samples_dropped == 0 && self.batches_missing == 0
     }
 }
 
@@ -92,6 +152,52 @@ pub struct Event {
     pub historical: bool,
     pub notice_en: String,
     pub notice_zh: String,
+    /// For R5 from the delivery layer: what was lost.
+    pub data_loss: Option<DataLoss>,
+}
+
+/// A stored event of version 1 (before R5): rules by variant index.
+#[derive(Deserialize)]
+struct EventV1 {
+    id: String,
+    site: String,
+    gateway: String,
+    line: String,
+    rule: RuleV1,
+    status: EventStatus,
+    start_ms: i64,
+    end_ms: Option<i64>,
+    facilities: Vec<String>,
+    historical: bool,
+    notice_en: String,
+    notice_zh: String,
+}
+
+#[derive(Deserialize)]
+enum RuleV1 {
+    R1,
+}
+
+impl From<EventV1> for Event {
+    fn from(old: EventV1) -> Event {
+        Event {
+            id: old.id,
+            site: old.site,
+            gateway: old.gateway,
+            line: old.line,
+            rule: match old.rule {
+                RuleV1::R1 => Rule::R1,
+            },
+            status: old.status,
+            start_ms: old.start_ms,
+            end_ms: old.end_ms,
+            facilities: old.facilities,
+            historical: old.historical,
+            notice_en: old.notice_en,
+            notice_zh: old.notice_zh,
+            data_loss: None,
+        }
+    }
 }
 
 /// A persisted detector state or stored event that could not be read.
@@ -102,14 +208,28 @@ pub struct SnapshotError {
     reason: String,
 }
 
-/// Detector state of all lines read by one gateway.
+/// Detector state of all lines read by one gateway. Cloning it is cheap
+/// (the site and the meter index are shared): the ingest applies batches
+/// to a clone and keeps it only once the store has committed.
 #[derive(Debug, Clone)]
 pub struct GatewayDetector {
     site: Arc<Site>,
     gateway: String,
-    /// meter id -> (line index, facility index) in `site`.
-    meters: HashMap<String, (usize, usize)>,
+    /// Fixed for the detector's life: the meter index, the site's line of
+    /// each entry of `lines`, the gateway's poll interval.
+    layout: Arc<Layout>,
+    /// Time of the newest sample of any meter the gateway delivered.
+    newest_sample_ms: Option<i64>,
     lines: Vec<LineState>,
+}
+
+#[derive(Debug)]
+struct Layout {
+    /// meter id -> (line index, facility index) in `lines`.
+    meters: HashMap<String, (usize, usize)>,
+    /// Index in `site.lines` of each entry of `lines`.
+    site_lines: Vec<usize>,
+    poll_ms: i64,
 }
 
 /// What is persisted of one line.
@@ -140,18 +260,30 @@ impl GatewayDetector {
         gateway: &str,
         snapshot: &[u8],
     ) -> Result<GatewayDetector, SnapshotError> {
-        let saved: Vec<LineState> =
-            decode_versioned(snapshot, SNAPSHOT_VERSION, "detector snapshot")?;
-        Ok(GatewayDetector::with_lines(site, gateway, saved))
+        const WHAT: &str = "detector snapshot";
+        let (newest_sample_ms, saved) = match snapshot.first() {
+            Some(&SNAPSHOT_VERSION_2) => {
+                // Before the newest sample time was kept: the lines' clocks
+                // are the newest samples of the meters they know.
+                let saved: Vec<LineState> = decode_versioned(snapshot, SNAPSHOT_VERSION_2, WHAT)?;
+                (saved.iter().filter_map(|l| l.clock_ms).max(), saved)
+            }
+            _ => decode_versioned(snapshot, SNAPSHOT_VERSION, WHAT)?,
+        };
+        let mut detector = GatewayDetector::with_lines(site, gateway, saved);
+        detector.newest_sample_ms = newest_sample_ms;
+        Ok(detector)
     }
 
     fn with_lines(site: Arc<Site>, gateway: &str, mut saved: Vec<LineState>) -> GatewayDetector {
         let mut meters = HashMap::new();
+        let mut site_lines = Vec::new();
         let mut lines = Vec::new();
-        for line in &site.lines {
+        for (site_index, line) in site.lines.iter().enumerate() {
             if site.gateway_of_line(line) != gateway {
                 continue;
             }
+            site_lines.push(site_index);
             let old = saved
                 .iter()
                 .position(|s| s.line == line.id)
@@ -180,16 +312,29 @@ impl GatewayDetector {
                 r1: old.map(|o| o.r1).unwrap_or_default(),
             });
         }
+        let poll_ms = site
+            .gateway(gateway)
+            .map_or(30_000, |g| g.poll_interval.as_millis() as i64);
         GatewayDetector {
             site,
             gateway: gateway.to_string(),
-            meters,
+            layout: Arc::new(Layout {
+                meters,
+                site_lines,
+                poll_ms,
+            }),
+            newest_sample_ms: None,
             lines,
         }
     }
 
     pub fn snapshot(&self) -> Vec<u8> {
-        encode_versioned(SNAPSHOT_VERSION, &self.lines)
+        encode_versioned(SNAPSHOT_VERSION, &(self.newest_sample_ms, &self.lines))
+    }
+
+    /// Time of the newest sample the gateway delivered, if any.
+    pub fn newest_sample_ms(&self) -> Option<i64> {
+        self.newest_sample_ms
     }
 
     /// The current state of every facility this gateway reads, for status
@@ -205,13 +350,81 @@ impl GatewayDetector {
             .collect()
     }
 
+    /// Applies one batch: first the data lost before it (an R5 event, see
+    /// [`GatewayDetector::data_interruption`]), then its samples
+    /// ([`GatewayDetector::apply`]).
+    pub fn apply_batch(
+        &mut self,
+        samples: &[Sample],
+        loss: DataLoss,
+        wall_now_ms: i64,
+    ) -> Vec<Event> {
+        let interruption = (!loss.is_none()).then(|| {
+            let resumed_ms = samples.iter().map(|s| s.time_ms).min();
+            self.data_interruption(loss, resumed_ms, wall_now_ms)
+        });
+        let mut events: Vec<Event> = interruption.into_iter().collect();
+        events.extend(self.apply(samples, wall_now_ms));
+        events
+    }
+
+    /// The R5 event for data the gateway lost before a batch whose oldest
+    /// sample is at `resumed_ms`: closed at once, for every line of the
+    /// gateway ([`ALL_LINES`], all its facilities), from the newest sample
+    /// delivered before (or `resumed_ms` when there was none) to
+    /// `resumed_ms` (or its start, for a batch without samples, or when the
+    /// gateway's clock went back). Its id depends only on (site, gateway,
+    /// rule, start), so applying the same batch again upserts it.
+    pub fn data_interruption(
+        &self,
+        loss: DataLoss,
+        resumed_ms: Option<i64>,
+        wall_now_ms: i64,
+    ) -> Event {
+        let start_ms = self.newest_sample_ms.or(resumed_ms).unwrap_or(0);
+        let end_ms = resumed_ms.unwrap_or(start_ms).max(start_ms);
+        let facilities: BTreeSet<String> = self
+            .layout
+            .site_lines
+            .iter()
+            .flat_map(|&i| self.site.lines[i].facilities.iter().map(|f| f.id.clone()))
+            .collect();
+        let notice = notice::render_data_loss(&self.site, &self.gateway, start_ms, end_ms, loss);
+        Event {
+            id: event_id(
+                &self.site.id,
+                &format!("{}/{ALL_LINES}", self.gateway),
+                Rule::R5,
+                start_ms,
+            ),
+            site: self.site.id.clone(),
+            gateway: self.gateway.clone(),
+            line: ALL_LINES.to_string(),
+            rule: Rule::R5,
+            status: EventStatus::Closed,
+            start_ms,
+            end_ms: Some(end_ms),
+            facilities: facilities.into_iter().collect(),
+            historical: wall_now_ms - end_ms > HISTORICAL_LAG_MS,
+            notice_en: notice.en,
+            notice_zh: notice.zh,
+            data_loss: Some(loss),
+        }
+    }
+
     /// Applies samples in order; returns every event opened, widened or
     /// closed by them, the latest version of each once. Samples of meters
-    /// that measure no facility of this gateway are ignored.
+    /// that measure no facility of this gateway are ignored (but count as
+    /// data the gateway delivered).
     pub fn apply(&mut self, samples: &[Sample], wall_now_ms: i64) -> Vec<Event> {
         let mut events: Vec<Event> = Vec::new();
+        let layout = self.layout.clone();
         for sample in samples {
-            let Some(&(li, fi)) = self.meters.get(&sample.meter) else {
+            self.newest_sample_ms = Some(
+                self.newest_sample_ms
+                    .map_or(sample.time_ms, |t| t.max(sample.time_ms)),
+            );
+            let Some(&(li, fi)) = layout.meters.get(&sample.meter) else {
                 continue;
             };
             for change in self.step(li, fi, sample) {
@@ -227,14 +440,8 @@ impl GatewayDetector {
 
     fn step(&mut self, li: usize, fi: usize, sample: &Sample) -> Vec<Change> {
         let site = &self.site;
-        let line_cfg = site
-            .lines
-            .iter()
-            .find(|l| l.id == self.lines[li].line)
-            .expect("line states are built from the site");
-        let poll_ms = site
-            .gateway(&self.gateway)
-            .map_or(30_000, |g| g.poll_interval.as_millis() as i64);
+        let line_cfg = &site.lines[self.layout.site_lines[li]];
+        let poll_ms = self.layout.poll_ms;
         let limits = |f: &facwatch_proto::site::Facility| Limits {
             start_kw: f.start_threshold_kw,
             stop_kw: f.stop_threshold_kw,
@@ -278,12 +485,7 @@ impl GatewayDetector {
 
     fn event(&self, li: usize, change: Change, wall_now_ms: i64) -> Event {
         let line_id = &self.lines[li].line;
-        let line = self
-            .site
-            .lines
-            .iter()
-            .find(|l| &l.id == line_id)
-            .expect("line states are built from the site");
+        let line = &self.site.lines[self.layout.site_lines[li]];
         let (status, start_ms, end_ms, facilities) = match change {
             Change::Opened {
                 start_ms,
@@ -323,6 +525,7 @@ impl GatewayDetector {
             historical: end_ms.is_some_and(|end| wall_now_ms - end > HISTORICAL_LAG_MS),
             notice_en: notice.en,
             notice_zh: notice.zh,
+            data_loss: None,
         }
     }
 }
@@ -401,7 +604,13 @@ impl Event {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Event, SnapshotError> {
-        decode_versioned(bytes, EVENT_VERSION, "stored event")
+        const WHAT: &str = "stored event";
+        match bytes.first() {
+            Some(&EVENT_VERSION_1) => {
+                decode_versioned::<EventV1>(bytes, EVENT_VERSION_1, WHAT).map(Event::from)
+            }
+            _ => decode_versioned(bytes, EVENT_VERSION, WHAT),
+        }
     }
 
     pub fn duration_secs(&self) -> Option<i64> {
@@ -409,9 +618,10 @@ impl Event {
     }
 
     /// The JSON the platform sees (API, MQTT, demo), times RFC 3339 in the
-    /// site's zone.
+    /// site's zone. An event with a [`DataLoss`] also has `samples_dropped`
+    /// and `batches_missing`.
     pub fn to_json(&self, tz: chrono_tz::Tz) -> serde_json::Value {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "id": self.id,
             "site": self.site,
             "gateway": self.gateway,
@@ -424,7 +634,12 @@ impl Event {
             "facilities": self.facilities,
             "historical": self.historical,
             "notice": { "zh": self.notice_zh, "en": self.notice_en },
-        })
+        });
+        if let (Some(loss), Some(fields)) = (self.data_loss, json.as_object_mut()) {
+            fields.insert("samples_dropped".into(), loss.samples_dropped.into());
+            fields.insert("batches_missing".into(), loss.batches_missing.into());
+        }
+        json
     }
 }
 

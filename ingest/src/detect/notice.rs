@@ -1,12 +1,15 @@
 //! Notice texts people act on, in Chinese and English, times in the site's
 //! zone, e.g. "The alarm started at 2022-12-13 14:03 and lasted 27 minutes,
 //! involving condensers, fans, high-voltage electrostatic. Please check and
-//! restore in time."
+//! restore in time." A data interruption reads e.g. "Tongxiang Example
+//! Dyeing: data interruption. Gateway gw-01 discarded 1,234 readings
+//! (buffer full) between 2022-12-13 09:00 and 2022-12-13 11:30; 3 batches
+//! are missing. These readings cannot be recovered."
 
 use chrono::{DateTime, SecondsFormat, TimeZone};
 use facwatch_proto::site::{FacilityKind, Line, Site};
 
-use super::Rule;
+use super::{DataLoss, Rule};
 
 pub(super) struct Notice {
     pub(super) en: String,
@@ -72,12 +75,9 @@ pub(super) fn render(
             "treatment equipment stopped while production ran",
             "生产设施运行期间治污设施停运",
         ),
+        Rule::R5 => ("data interruption", "工况数据缺失"),
     };
-    let site_name = if site.name.is_empty() {
-        &site.id
-    } else {
-        &site.name
-    };
+    let site_name = site_name(site);
     let en = if closed {
         format!(
             "{site_name}, {}: {what_en}. The alarm started at {start} and lasted {minutes} minutes, involving {}. Please check and restore in time.",
@@ -105,4 +105,77 @@ pub(super) fn render(
         )
     };
     Notice { en, zh }
+}
+
+fn site_name(site: &Site) -> &str {
+    if site.name.is_empty() {
+        &site.id
+    } else {
+        &site.name
+    }
+}
+
+/// The notice of an R5 event for samples `gateway` discarded between
+/// `start_ms` and `end_ms`.
+pub(super) fn render_data_loss(
+    site: &Site,
+    gateway: &str,
+    start_ms: i64,
+    end_ms: i64,
+    loss: DataLoss,
+) -> Notice {
+    let site_name = site_name(site);
+    let start = local(start_ms, site.time_zone).format("%Y-%m-%d %H:%M");
+    let end = local(end_ms, site.time_zone).format("%Y-%m-%d %H:%M");
+    let readings = grouped(loss.samples_dropped);
+    let (missing_en, missing_zh) = match loss.batches_missing {
+        0 => (String::new(), String::new()),
+        1 => (
+            "; 1 batch is missing".to_string(),
+            "，缺失1个批次".to_string(),
+        ),
+        n => (
+            format!("; {} batches are missing", grouped(n)),
+            format!("，缺失{}个批次", grouped(n)),
+        ),
+    };
+    let noun = if loss.samples_dropped == 1 {
+        "reading"
+    } else {
+        "readings"
+    };
+    Notice {
+        en: format!(
+            "{site_name}: data interruption. Gateway {gateway} discarded {readings} {noun} (buffer full) between {start} and {end}{missing_en}. These readings cannot be recovered."
+        ),
+        zh: format!(
+            "{site_name}：工况数据缺失。网关{gateway}缓存已满，{start}至{end}期间丢弃{readings}条读数{missing_zh}，无法补传。"
+        ),
+    }
+}
+
+/// `1234567` as `1,234,567`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grouped;
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1_234), "1,234");
+        assert_eq!(grouped(1_234_567), "1,234,567");
+    }
 }

@@ -384,3 +384,95 @@ fn a_long_gap_in_an_open_interval_ends_it_when_it_was_last_known() {
     // of the stale span (3 polls) on.
     assert_eq!(closed[0].end_ms, Some(hm(14, 19) + 30_000 + 90_000));
 }
+
+#[test]
+fn snapshots_of_version_2_restore_with_the_newest_sample_from_the_line_clocks() {
+    let samples = history(hm(12, 0), hm(16, 0), incident);
+    let (before, after) = samples.split_at(samples.len() / 2);
+    let mut detector = GatewayDetector::new(site(), "gw");
+    detector.apply(before, 0);
+    let version_2 = encode_versioned(SNAPSHOT_VERSION_2, &detector.lines);
+    let restored = GatewayDetector::restore(site(), "gw", &version_2).unwrap();
+    assert_eq!(restored.newest_sample_ms(), detector.newest_sample_ms());
+    assert_eq!(restored.snapshot(), detector.snapshot());
+    assert_eq!(
+        GatewayDetector::restore(site(), "gw", &version_2)
+            .unwrap()
+            .apply(after, 0),
+        detector.apply(after, 0)
+    );
+}
+
+#[test]
+fn events_stored_as_version_1_still_decode() {
+    /// Version 1's field order; its `Rule` was an enum (R1 = index 0).
+    #[derive(Serialize)]
+    struct Version1<'a> {
+        id: &'a str,
+        site: &'a str,
+        gateway: &'a str,
+        line: &'a str,
+        rule_index: u32,
+        status: EventStatus,
+        start_ms: i64,
+        end_ms: Option<i64>,
+        facilities: &'a [String],
+        historical: bool,
+        notice_en: &'a str,
+        notice_zh: &'a str,
+    }
+    let event = closed(&run_all(&history(hm(12, 0), hm(16, 0), incident)))[0].clone();
+    let old = encode_versioned(
+        EVENT_VERSION_1,
+        &Version1 {
+            id: &event.id,
+            site: &event.site,
+            gateway: &event.gateway,
+            line: &event.line,
+            rule_index: 0,
+            status: event.status,
+            start_ms: event.start_ms,
+            end_ms: event.end_ms,
+            facilities: &event.facilities,
+            historical: event.historical,
+            notice_en: &event.notice_en,
+            notice_zh: &event.notice_zh,
+        },
+    );
+    assert_eq!(Event::decode(&old).unwrap(), event);
+    assert_ne!(old, event.encode());
+}
+
+#[test]
+fn rules_are_stored_by_their_number() {
+    assert_eq!(postcard::to_allocvec(&Rule::R1).unwrap(), vec![1]);
+    assert_eq!(postcard::to_allocvec(&Rule::R5).unwrap(), vec![5]);
+    assert_eq!(postcard::from_bytes::<Rule>(&[5]).unwrap(), Rule::R5);
+    assert!(postcard::from_bytes::<Rule>(&[2]).is_err());
+}
+
+#[test]
+fn data_loss_before_any_sample_spans_nothing_and_starts_at_the_batch() {
+    let mut detector = GatewayDetector::new(site(), "gw");
+    let samples = history(hm(12, 0), hm(12, 5), |m, _| normal(m));
+    let loss = DataLoss {
+        samples_dropped: 1,
+        batches_missing: 0,
+    };
+    let events = detector.apply_batch(&samples, loss, hm(12, 6));
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!((event.start_ms, event.end_ms), (hm(12, 0), Some(hm(12, 0))));
+    assert_eq!(event.data_loss, Some(loss));
+    assert!(
+        event
+            .notice_en
+            .contains("discarded 1 reading (buffer full) between"),
+        "{}",
+        event.notice_en
+    );
+    assert!(!event.notice_en.contains("missing"), "{}", event.notice_en);
+    // Without any sample at all, the event is anchored at 0.
+    let empty = GatewayDetector::new(site(), "gw").data_interruption(loss, None, 0);
+    assert_eq!((empty.start_ms, empty.end_ms), (0, Some(0)));
+}

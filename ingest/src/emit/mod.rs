@@ -1,7 +1,7 @@
-//! What the ingest sends out after a batch is committed: the ack (queued by
-//! `receive`) and, for every event whose stored version changed, one log line
-//! and one MQTT message (the event's JSON, QoS 1, not retained) on
-//! `facwatch/v1/events/{site}`.
+//! What the ingest sends out after a group of batches is committed: the
+//! acks (queued by `receive`) and, for every event whose stored version
+//! changed, one log line and one MQTT message (the event's JSON, QoS 1, not
+//! retained) on `facwatch/v1/events/{site}`.
 //!
 //! Everything here happens after the store commit, so it is best effort by
 //! design: the store is the record. [`Publisher`] waits at most

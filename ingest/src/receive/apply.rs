@@ -1,26 +1,48 @@
-//! The apply task: every batch exactly once, in `seq` order per gateway.
+//! The apply task: every batch exactly once, in `seq` order per gateway,
+//! committed in groups.
 //!
-//! Per batch, in this order:
+//! The task waits for one message, then takes every message already queued
+//! behind it, up to [`MAX_GROUP_BATCHES`] batches or [`MAX_GROUP_BYTES`] of
+//! payload: a **group**. Under a steady trickle a group is one batch; when
+//! a backlog arrives, one store transaction (one fsync) and one ack per
+//! gateway cover many batches.
+//!
+//! Per batch, in arrival order:
 //! 1. The topic's gateway must belong to a loaded site, the payload must
 //!    decode, and the payload's gateway must equal the topic's; otherwise
 //!    the batch is rejected: counted by reason, logged at a limited rate,
 //!    and dropped without an ack. Nothing about it can stop other gateways.
 //! 2. `seq <= last_seq[gw]`: a duplicate (the gateway resent because it
-//!    missed the ack). Ignored, and `Ack { last_seq }` is published again.
-//! 3. Otherwise the detector applies the samples **on a copy** of its state,
-//!    and one store transaction writes `last_seq`, the copy's snapshot, the
-//!    events and the counters. Only after the commit does the copy replace
-//!    the live state, is `Ack { seq }` published (retained) and are the
-//!    changed events emitted. If the commit fails nothing changed: no ack,
-//!    and the gateway's resend is applied as if it were the first.
+//!    missed the ack). Ignored; the gateway is acked again.
+//! 3. A `seq` above `last_seq + 1` is applied only when the batch says the
+//!    gateway discarded data before it (`dropped_before > 0`): that becomes
+//!    an R5 data-interruption event (see `detect`) and is counted as a gap.
+//!    Otherwise the batches in between are still in the gateway's buffer:
+//!    the batch is ignored and the gateway acked again with `last_seq`, so
+//!    it resends from `last_seq + 1` and nothing is acked away unseen.
+//!    Before a gateway's first applied batch no gap is computed.
+//! 4. Otherwise the detector applies the batch **on a copy** of the
+//!    gateway's state, and `last_seq` advances on that copy.
 //!
-//! A `seq` above `last_seq + 1` is applied only when the batch says the
-//! gateway discarded data before it (`dropped_before > 0`), and is then
-//! recorded as a gap (warning, counters). Otherwise the batches in between
-//! are still in the gateway's buffer: the batch is ignored and
-//! `Ack { last_seq }` published again, so the gateway resends from
-//! `last_seq + 1` and nothing is acked away unseen. Before a gateway's first
-//! applied batch no gap is computed.
+//! `last_seq` in these rules is the running one of the group: a batch sees
+//! the batches of its gateway before it in the group as applied.
+//!
+//! Then, once per group: one store transaction writes, for every gateway a
+//! batch was applied for, `last_seq`, the copy's detector snapshot and the
+//! counters, and every event produced. **Only after the commit** do the
+//! copies replace the live states, is **one** `Ack` per gateway of the group
+//! published (retained; the highest applied `seq`, or `last_seq` for a
+//! gateway whose batches were all duplicates or out of order) and are the
+//! changed events emitted. If the commit fails nothing changed: no state,
+//! no ack, and the gateways' resends are applied as if they were the first.
+//!
+//! On every connection to the broker (the first and each reconnect, e.g. to
+//! a broker that lost its retained messages), the task publishes a retained
+//! `Ack { last_seq, or 0 before the first batch }` for every gateway of
+//! every loaded site, before applying the batches received on that
+//! connection: a gateway with a fresh buffer sends nothing until it has an
+//! ack. These acks only repeat committed state, so the rule "ack only after
+//! commit" holds for them too.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,11 +57,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::reject::{short_name, RejectLog, RejectReason};
-use crate::detect::GatewayDetector;
+use super::Inbound;
+use crate::detect::{DataLoss, Event, GatewayDetector, Rule};
 use crate::emit::{self, Publisher};
 use crate::stats::Stats;
-use crate::store::{AppliedBatch, Store};
+use crate::store::{EventChange, GatewayCommit, GatewayCounters, Store, StoreError};
 use crate::IngestError;
+
+/// Most batches applied in one store transaction.
+pub(crate) const MAX_GROUP_BATCHES: usize = 64;
+/// Most payload bytes applied in one store transaction (a group may exceed
+/// it by its last batch, at most `MAX_BATCH_BYTES`).
+pub(crate) const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 struct GatewayState {
     site: Arc<Site>,
@@ -47,24 +76,57 @@ struct GatewayState {
     last_seq: Option<u64>,
 }
 
+/// The live state of every gateway and the store: the synchronous core of
+/// the apply task, also driven directly by tests and the benchmark.
 pub(crate) struct Applier {
+    /// Gateways in site-file order (acks on connect go out in this order).
+    order: Vec<String>,
     gateways: HashMap<String, GatewayState>,
     store: Arc<Store>,
-    publisher: Publisher,
-    stats: Arc<Stats>,
-    rejects: RejectLog,
-    clock: Clock,
+}
+
+/// One gateway's part of a group: a copy of its state, advanced batch by
+/// batch, and what happened.
+pub(crate) struct Work {
+    pub(crate) gateway: String,
+    site: Arc<Site>,
+    detector: GatewayDetector,
+    /// Running `last_seq`.
+    pub(crate) last_seq: Option<u64>,
+    /// Counter deltas of the applied batches.
+    pub(crate) counters: GatewayCounters,
+    pub(crate) duplicates: u64,
+    pub(crate) out_of_order: u64,
+    /// Batches applied after a declared loss, for the log.
+    losses: Vec<(u64, DataLoss)>,
+}
+
+/// A group ready to be applied off the async runtime.
+pub(crate) struct Group {
+    works: Vec<Work>,
+    /// (index in `works`, batch), in arrival order.
+    batches: Vec<(usize, Batch)>,
+    store: Arc<Store>,
+}
+
+/// What applying a group did. `committed` is `Ok` with the changed events
+/// when the transaction committed (or none was needed).
+pub(crate) struct GroupOutcome {
+    pub(crate) works: Vec<Work>,
+    pub(crate) committed: Result<Vec<EventChange>, StoreError>,
+}
+
+impl GroupOutcome {
+    /// Batches applied (or, if the commit failed, that would have been).
+    pub(crate) fn batches_applied(&self) -> u64 {
+        self.works.iter().map(|w| w.counters.batches_applied).sum()
+    }
 }
 
 impl Applier {
     /// Restores every gateway's detector and `last_seq` from the store.
-    pub(crate) fn new(
-        sites: &[Site],
-        store: Arc<Store>,
-        publisher: Publisher,
-        stats: Arc<Stats>,
-        clock: Clock,
-    ) -> Result<Applier, IngestError> {
+    pub(crate) fn new(sites: &[Site], store: Arc<Store>) -> Result<Applier, IngestError> {
+        let mut order = Vec::new();
         let mut gateways = HashMap::new();
         for site in sites {
             let site = Arc::new(site.clone());
@@ -80,6 +142,7 @@ impl Applier {
                 };
                 let last_seq = store.last_seq(id)?;
                 debug!(site = %site.id, gateway = id, last_seq, "Gateway state restored.");
+                order.push(id.to_string());
                 gateways.insert(
                     id.to_string(),
                     GatewayState {
@@ -91,51 +154,260 @@ impl Applier {
             }
         }
         Ok(Applier {
+            order,
             gateways,
             store,
+        })
+    }
+
+    pub(crate) fn knows(&self, gateway: &str) -> bool {
+        self.gateways.contains_key(gateway)
+    }
+
+    fn site_id(&self, gateway: &str) -> Option<&str> {
+        self.gateways.get(gateway).map(|g| g.site.id.as_str())
+    }
+
+    /// Every gateway with the seq its ack carries: `last_seq`, 0 before the
+    /// first applied batch.
+    pub(crate) fn acks(&self) -> Vec<(String, u64)> {
+        self.order
+            .iter()
+            .map(|id| (id.clone(), self.gateways[id].last_seq.unwrap_or(0)))
+            .collect()
+    }
+
+    /// Copies the state of every gateway `batches` touch. Every batch's
+    /// gateway must be known ([`Applier::knows`]).
+    pub(crate) fn prepare(&self, batches: Vec<Batch>) -> Group {
+        let mut works: Vec<Work> = Vec::new();
+        let mut indexed = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let index = match works.iter().position(|w| w.gateway == batch.gateway) {
+                Some(index) => index,
+                None => {
+                    let state = &self.gateways[&batch.gateway];
+                    works.push(Work {
+                        gateway: batch.gateway.clone(),
+                        site: state.site.clone(),
+                        detector: state.detector.clone(),
+                        last_seq: state.last_seq,
+                        counters: GatewayCounters::default(),
+                        duplicates: 0,
+                        out_of_order: 0,
+                        losses: Vec::new(),
+                    });
+                    works.len() - 1
+                }
+            };
+            indexed.push((index, batch));
+        }
+        Group {
+            works,
+            batches: indexed,
+            store: self.store.clone(),
+        }
+    }
+
+    /// Makes a committed group's copies the live states. Does nothing for
+    /// a group whose commit failed.
+    pub(crate) fn install(&mut self, outcome: &GroupOutcome) {
+        if outcome.committed.is_err() {
+            return;
+        }
+        for work in &outcome.works {
+            let state = self
+                .gateways
+                .get_mut(&work.gateway)
+                .expect("works are made for known gateways");
+            state.detector = work.detector.clone();
+            state.last_seq = work.last_seq;
+        }
+    }
+
+    /// Prepares, applies and installs a group on the calling thread.
+    #[cfg(test)]
+    pub(crate) fn apply_now(&mut self, batches: Vec<Batch>, wall_now_ms: i64) -> GroupOutcome {
+        let outcome = self.prepare(batches).apply(wall_now_ms);
+        self.install(&outcome);
+        outcome
+    }
+}
+
+impl Group {
+    /// Applies the group's batches to the copies and commits the result in
+    /// one transaction. Blocking (detector work and an fsync).
+    pub(crate) fn apply(self, wall_now_ms: i64) -> GroupOutcome {
+        let Group {
+            mut works,
+            batches,
+            store,
+        } = self;
+        let mut events: Vec<Event> = Vec::new();
+        for (index, batch) in batches {
+            let work = &mut works[index];
+            let seq = batch.seq;
+            if work.last_seq.is_some_and(|last| seq <= last) {
+                work.duplicates += 1;
+                continue;
+            }
+            let batches_missing = work.last_seq.map_or(0, |last| seq - last - 1);
+            if batches_missing > 0 && batch.dropped_before == 0 {
+                // Batches in between went astray (a broker dropped them):
+                // the gateway still holds them. Applying this one would ack
+                // them away, so ask for a resend from last_seq + 1 instead.
+                work.out_of_order += 1;
+                continue;
+            }
+            let loss = DataLoss {
+                samples_dropped: batch.dropped_before,
+                batches_missing,
+            };
+            events.extend(work.detector.apply_batch(&batch.samples, loss, wall_now_ms));
+            if !loss.is_none() {
+                work.losses.push((seq, loss));
+            }
+            work.last_seq = Some(seq);
+            let counters = &mut work.counters;
+            counters.batches_applied += 1;
+            counters.samples_applied += batch.samples.len() as u64;
+            counters.sequence_gaps += u64::from(batches_missing > 0);
+            counters.batches_missing += batches_missing;
+            counters.samples_dropped_by_gateway += batch.dropped_before;
+        }
+
+        let snapshots: Vec<(usize, Vec<u8>)> = works
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| w.counters.batches_applied > 0)
+            .map(|(i, w)| (i, w.detector.snapshot()))
+            .collect();
+        let committed = if snapshots.is_empty() {
+            Ok(Vec::new())
+        } else {
+            let commits: Vec<GatewayCommit<'_>> = snapshots
+                .iter()
+                .map(|(i, snapshot)| {
+                    let work = &works[*i];
+                    GatewayCommit {
+                        gateway: &work.gateway,
+                        last_seq: work.last_seq.expect("a batch was applied"),
+                        detector_snapshot: snapshot,
+                        counters: work.counters,
+                    }
+                })
+                .collect();
+            store.commit_group(&commits, &events)
+        };
+        GroupOutcome { works, committed }
+    }
+}
+
+/// Messages taken for one group.
+#[derive(Default)]
+struct Gathered {
+    publishes: Vec<Publish>,
+    bytes: usize,
+    /// A (re)connection to the broker was among them.
+    connected: bool,
+}
+
+impl Gathered {
+    fn add(&mut self, message: Inbound) {
+        match message {
+            Inbound::Batch(publish) => {
+                self.bytes += publish.payload.len();
+                self.publishes.push(publish);
+            }
+            Inbound::Connected => self.connected = true,
+        }
+    }
+}
+
+/// The async shell around [`Applier`]: receives, validates, applies groups
+/// on the blocking pool, then acks and emits.
+pub(crate) struct ApplyTask {
+    applier: Applier,
+    publisher: Publisher,
+    stats: Arc<Stats>,
+    rejects: RejectLog,
+    clock: Clock,
+}
+
+impl ApplyTask {
+    pub(crate) fn new(
+        applier: Applier,
+        publisher: Publisher,
+        stats: Arc<Stats>,
+        clock: Clock,
+    ) -> ApplyTask {
+        ApplyTask {
+            applier,
             publisher,
             stats,
             rejects: RejectLog::default(),
             clock,
-        })
-    }
-
-    /// Applies batches until `shutdown` (the batch being applied is
-    /// finished; queued ones are left for the gateways to resend) or until
-    /// the channel closes.
-    pub(crate) async fn run(
-        mut self,
-        mut batches: mpsc::Receiver<Publish>,
-        shutdown: CancellationToken,
-    ) {
-        loop {
-            let publish = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return,
-                publish = batches.recv() => match publish {
-                    Some(publish) => publish,
-                    None => return,
-                },
-            };
-            self.handle(publish).await;
         }
     }
 
-    async fn handle(&mut self, publish: Publish) {
+    /// Applies groups until `shutdown` (the group being applied is
+    /// finished; queued batches are left for the gateways to resend) or
+    /// until the channel closes.
+    pub(crate) async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<Inbound>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                message = inbound.recv() => match message {
+                    Some(message) => message,
+                    None => return,
+                },
+            };
+            let mut group = Gathered::default();
+            group.add(first);
+            while group.publishes.len() < MAX_GROUP_BATCHES && group.bytes < MAX_GROUP_BYTES {
+                match inbound.try_recv() {
+                    Ok(message) => group.add(message),
+                    Err(_) => break,
+                }
+            }
+
+            // A connection notice precedes the batches received on that
+            // connection: ack with the state before them, then apply them.
+            if group.connected {
+                self.ack_every_gateway().await;
+            }
+            let batches: Vec<Batch> = group
+                .publishes
+                .into_iter()
+                .filter_map(|publish| self.validate(publish))
+                .collect();
+            if !batches.is_empty() {
+                self.apply_group(batches).await;
+            }
+        }
+    }
+
+    /// The batch of a valid publish; rejects any other.
+    fn validate(&mut self, publish: Publish) -> Option<Batch> {
         let gateway = match topics::gateway_of_batch_topic(&publish.topic) {
-            Some(gw) if self.gateways.contains_key(gw) => gw.to_string(),
+            Some(gw) if self.applier.knows(gw) => gw,
             other => {
                 let name = other.unwrap_or(&publish.topic);
                 let detail = format!("no loaded site has gateway `{}`", short_name(name));
                 self.reject(name, RejectReason::UnknownGateway, &detail);
-                return;
+                return None;
             }
         };
         let batch = match Batch::decode(&publish.payload) {
             Ok(batch) => batch,
             Err(e) => {
-                self.reject(&gateway, RejectReason::Decode, &e.to_string());
-                return;
+                self.reject(gateway, RejectReason::Decode, &e.to_string());
+                return None;
             }
         };
         if batch.gateway != gateway {
@@ -143,111 +415,112 @@ impl Applier {
                 "payload names gateway `{}`, topic names `{gateway}`",
                 short_name(&batch.gateway)
             );
-            self.reject(&gateway, RejectReason::GatewayMismatch, &detail);
-            return;
+            self.reject(gateway, RejectReason::GatewayMismatch, &detail);
+            return None;
         }
-        self.apply(gateway, batch).await;
+        Some(batch)
     }
 
-    async fn apply(&mut self, gateway: String, batch: Batch) {
-        let state = self
-            .gateways
-            .get_mut(&gateway)
-            .expect("handle checked the gateway");
-        let site = state.site.clone();
-        let seq = batch.seq;
-
-        if let Some(last) = state.last_seq.filter(|last| seq <= *last) {
-            debug!(site = %site.id, gateway, seq, last_seq = last, "Duplicate batch; acking again.");
-            self.stats.add(|s| &s.batches_duplicate, 1);
-            self.ack(&gateway, last).await;
-            return;
-        }
-
-        let batches_missing = state.last_seq.map_or(0, |last| seq - last - 1);
-        if batches_missing > 0 && batch.dropped_before == 0 {
-            // Batches in between went astray (a broker dropped them): the
-            // gateway still holds them. Applying this one would ack them
-            // away, so ask for a resend from last_seq + 1 instead.
-            debug!(site = %site.id, gateway, seq, last_seq = ?state.last_seq, "Batch out of order; acking last_seq again.");
-            self.stats.add(|s| &s.batches_out_of_order, 1);
-            let last = state.last_seq.expect("a gap needs a last_seq");
-            self.ack(&gateway, last).await;
-            return;
-        }
-        let samples = batch.samples.len() as u64;
-        let dropped_before = batch.dropped_before;
-        let mut detector = state.detector.clone();
-        let store = self.store.clone();
-        let job_gateway = gateway.clone();
+    async fn apply_group(&mut self, batches: Vec<Batch>) {
+        let count = batches.len() as u64;
+        let group = self.applier.prepare(batches);
         let now_ms = self.clock.now_ms();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let events = detector.apply(&batch.samples, now_ms);
-            let snapshot = detector.snapshot();
-            let committed = store.commit_batch(&AppliedBatch {
-                gateway: &job_gateway,
-                seq,
-                samples,
-                dropped_before,
-                batches_missing,
-                detector_snapshot: &snapshot,
-                events: &events,
-            });
-            (detector, committed)
-        })
-        .await;
-
-        let changes = match outcome {
-            Ok((detector, Ok(changes))) => {
-                state.detector = detector;
-                state.last_seq = Some(seq);
-                changes
-            }
-            Ok((_, Err(e))) => {
-                error!(site = %site.id, gateway, seq, error = %e, "Batch not committed; not acking.");
-                self.stats.add(|s| &s.apply_failures, 1);
-                return;
-            }
+        let outcome = match tokio::task::spawn_blocking(move || group.apply(now_ms)).await {
+            Ok(outcome) => outcome,
             Err(e) => {
-                error!(site = %site.id, gateway, seq, error = %e, "Applying the batch failed; not acking.");
-                self.stats.add(|s| &s.apply_failures, 1);
+                error!(batches = count, error = %e, "Applying a group of batches failed; not acking.");
+                self.stats.add(|s| &s.apply_failures, count);
                 return;
             }
         };
+        for work in &outcome.works {
+            self.stats.add(|s| &s.batches_duplicate, work.duplicates);
+            self.stats
+                .add(|s| &s.batches_out_of_order, work.out_of_order);
+        }
+        let changes = match &outcome.committed {
+            Ok(changes) => changes,
+            Err(e) => {
+                let sites: Vec<&str> = outcome.works.iter().map(|w| w.site.id.as_str()).collect();
+                let gateways: Vec<&str> =
+                    outcome.works.iter().map(|w| w.gateway.as_str()).collect();
+                error!(?sites, ?gateways, batches = count, error = %e, "Batches not committed; not acking.");
+                self.stats
+                    .add(|s| &s.apply_failures, outcome.batches_applied());
+                return;
+            }
+        };
+        self.applier.install(&outcome);
+        if outcome.batches_applied() > 0 {
+            self.stats.add(|s| &s.groups_committed, 1);
+        }
 
-        if batches_missing > 0 {
-            warn!(
-                site = %site.id,
-                gateway,
-                expected_seq = seq - batches_missing,
-                seq,
-                batches_missing,
-                "Sequence gap: batches {}..={} never arrived.",
-                seq - batches_missing,
-                seq - 1
-            );
-            self.stats.add(|s| &s.sequence_gaps, 1);
+        for work in &outcome.works {
+            let site = &work.site.id;
+            let gateway = &work.gateway;
+            if work.duplicates > 0 || work.out_of_order > 0 {
+                debug!(site = %site, gateway, duplicates = work.duplicates, out_of_order = work.out_of_order, last_seq = ?work.last_seq, "Batches not applied; acking last_seq again.");
+            }
+            for (seq, loss) in &work.losses {
+                if loss.batches_missing > 0 {
+                    warn!(
+                        site = %site,
+                        gateway,
+                        seq,
+                        batches_missing = loss.batches_missing,
+                        "Sequence gap: batches {}..={} never arrived.",
+                        seq - loss.batches_missing,
+                        seq - 1
+                    );
+                }
+                warn!(site = %site, gateway, seq, samples_dropped = loss.samples_dropped, "The gateway discarded samples before this batch.");
+            }
+            let counters = work.counters;
+            self.stats
+                .add(|s| &s.batches_applied, counters.batches_applied);
+            self.stats
+                .add(|s| &s.samples_applied, counters.samples_applied);
+            self.stats.add(|s| &s.sequence_gaps, counters.sequence_gaps);
         }
-        if dropped_before > 0 {
-            warn!(site = %site.id, gateway, seq, samples_dropped = dropped_before, "The gateway discarded samples before this batch.");
-        }
-        self.stats.add(|s| &s.samples_applied, samples);
         let opened = changes.iter().filter(|c| c.opened).count() as u64;
         let closed = changes.iter().filter(|c| c.closed).count() as u64;
+        let interruptions = changes
+            .iter()
+            .filter(|c| c.opened && c.event.rule == Rule::R5)
+            .count() as u64;
         self.stats.add(|s| &s.events_opened, opened);
         self.stats.add(|s| &s.events_closed, closed);
-        self.stats.add(|s| &s.batches_applied, 1);
+        self.stats.add(|s| &s.data_interruptions, interruptions);
 
-        self.ack(&gateway, seq).await;
-        for change in &changes {
-            emit::emit(&self.publisher, &site, change).await;
+        for work in &outcome.works {
+            if let Some(seq) = work.last_seq {
+                self.ack(&work.gateway, seq).await;
+            }
+        }
+        for change in changes {
+            let work = outcome
+                .works
+                .iter()
+                .find(|w| w.gateway == change.event.gateway)
+                .expect("events come from the group's gateways");
+            emit::emit(&self.publisher, &work.site, change).await;
+        }
+    }
+
+    async fn ack_every_gateway(&self) {
+        for (gateway, seq) in self.applier.acks() {
+            self.ack(&gateway, seq).await;
         }
     }
 
     async fn ack(&self, gateway: &str, seq: u64) {
-        self.publisher
+        let queued = self
+            .publisher
             .publish(topics::ack(gateway), true, Ack { seq }.encode())
             .await;
+        if queued {
+            self.stats.add(|s| &s.acks_published, 1);
+        }
     }
 
     fn reject(&mut self, gateway: &str, reason: RejectReason, detail: &str) {
@@ -263,7 +536,7 @@ impl Applier {
             .rejects
             .record(gateway, reason, tokio::time::Instant::now())
         {
-            let site = self.gateways.get(gateway).map(|g| g.site.id.as_str());
+            let site = self.applier.site_id(gateway);
             warn!(
                 site,
                 gateway = %short_name(gateway),
@@ -272,5 +545,351 @@ impl Applier {
                 "Batch rejected: {detail}."
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::{EventStatus, ALL_LINES};
+    use facwatch_proto::wire::{Quality, Sample, Values};
+
+    const TWO_GATEWAYS: &str = r#"
+[site]
+id = "plant"
+time_zone = "Asia/Shanghai"
+
+[[gateways]]
+id = "gw-a"
+
+[[gateways]]
+id = "gw-b"
+
+[[meters]]
+id = "a-stenter"
+gateway = "gw-a"
+profile = "sdm630"
+tcp = "127.0.0.1:5020"
+unit = 1
+
+[[meters]]
+id = "a-fan"
+gateway = "gw-a"
+profile = "sdm630"
+tcp = "127.0.0.1:5020"
+unit = 2
+
+[[meters]]
+id = "b-stenter"
+gateway = "gw-b"
+profile = "sdm630"
+tcp = "127.0.0.1:5021"
+unit = 2
+
+[[meters]]
+id = "b-fan"
+gateway = "gw-b"
+profile = "sdm630"
+tcp = "127.0.0.1:5021"
+unit = 1
+
+[[lines]]
+id = "line-a"
+
+[[lines.facilities]]
+id = "a-stenter"
+kind = "stenter"
+meter = "a-stenter"
+rated_kw = 150
+start_threshold_kw = 20
+
+[[lines.facilities]]
+id = "a-fan"
+kind = "main_fan"
+meter = "a-fan"
+rated_kw = 22
+start_threshold_kw = 4
+
+[[lines]]
+id = "line-b"
+
+[[lines.facilities]]
+id = "b-stenter"
+kind = "stenter"
+meter = "b-stenter"
+rated_kw = 150
+start_threshold_kw = 20
+
+[[lines.facilities]]
+id = "b-fan"
+kind = "main_fan"
+meter = "b-fan"
+rated_kw = 22
+start_threshold_kw = 4
+"#;
+
+    /// 2022-12-13 09:00 in Asia/Shanghai.
+    const NINE_AM_MS: i64 = 1_670_893_200_000;
+    const MINUTE_MS: i64 = 60_000;
+
+    fn sample(meter: &str, time_ms: i64, power_kw: f32) -> Sample {
+        Sample {
+            meter: meter.into(),
+            time_ms,
+            quality: Quality::Ok,
+            values: Values {
+                power_kw: Some(power_kw),
+                ..Values::default()
+            },
+        }
+    }
+
+    fn batch(gateway: &str, seq: u64, dropped_before: u64) -> Batch {
+        let meter = if gateway == "gw-a" { "a-fan" } else { "b-fan" };
+        Batch {
+            gateway: gateway.into(),
+            seq,
+            dropped_before,
+            samples: vec![sample(meter, NINE_AM_MS + seq as i64 * MINUTE_MS, 10.0)],
+        }
+    }
+
+    fn applier(site_toml: &str, dir: &tempfile::TempDir) -> (Applier, Arc<Store>) {
+        let site = Site::from_toml(site_toml, "test.site.toml").unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("ingest.redb")).unwrap());
+        (Applier::new(&[site], store.clone()).unwrap(), store)
+    }
+
+    fn acks(applier: &Applier) -> Vec<(&str, u64)> {
+        applier
+            .order
+            .iter()
+            .map(|g| (g.as_str(), applier.gateways[g].last_seq.unwrap_or(0)))
+            .collect()
+    }
+
+    #[test]
+    fn a_group_applies_the_seq_rules_against_its_running_last_seq_and_commits_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut applier, store) = applier(TWO_GATEWAYS, &dir);
+        let group = vec![
+            batch("gw-a", 1, 0),
+            batch("gw-a", 2, 0),
+            batch("gw-a", 2, 0), // duplicate inside the group
+            batch("gw-b", 1, 0),
+            batch("gw-a", 4, 0), // 3 not seen yet: out of order
+            batch("gw-a", 3, 0),
+            batch("gw-b", 1, 0), // duplicate
+        ];
+        let outcome = applier.apply_now(group, 0);
+        assert_eq!(outcome.committed.as_ref().unwrap(), &vec![]);
+        let summary: Vec<_> = outcome
+            .works
+            .iter()
+            .map(|w| {
+                (
+                    w.gateway.as_str(),
+                    w.last_seq,
+                    w.counters.batches_applied,
+                    w.duplicates,
+                    w.out_of_order,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![("gw-a", Some(3), 3, 1, 1), ("gw-b", Some(1), 1, 1, 0)]
+        );
+        assert_eq!(outcome.batches_applied(), 4);
+        assert_eq!(acks(&applier), vec![("gw-a", 3), ("gw-b", 1)]);
+        assert_eq!(
+            applier.acks(),
+            vec![("gw-a".to_string(), 3), ("gw-b".to_string(), 1)]
+        );
+        assert_eq!(store.last_seq("gw-a").unwrap(), Some(3));
+        assert_eq!(store.last_seq("gw-b").unwrap(), Some(1));
+        assert_eq!(store.counters("gw-a").unwrap().samples_applied, 3);
+
+        // The batch that was out of order applies once its turn has come.
+        let outcome = applier.apply_now(vec![batch("gw-a", 4, 0)], 0);
+        assert_eq!(outcome.works[0].last_seq, Some(4));
+        assert_eq!(store.last_seq("gw-a").unwrap(), Some(4));
+    }
+
+    #[test]
+    fn a_failed_commit_changes_nothing_and_the_resend_applies_as_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut applier, store) = applier(TWO_GATEWAYS, &dir);
+        let group = || {
+            vec![
+                batch("gw-a", 1, 0),
+                batch("gw-b", 1, 0),
+                batch("gw-a", 2, 0),
+            ]
+        };
+
+        store.fail_next_commit();
+        let failed = applier.apply_now(group(), 0);
+        assert!(failed.committed.is_err());
+        assert_eq!(acks(&applier), vec![("gw-a", 0), ("gw-b", 0)]);
+        assert_eq!(applier.gateways["gw-a"].detector.newest_sample_ms(), None);
+        assert_eq!(store.last_seq("gw-a").unwrap(), None);
+        assert_eq!(store.detector_snapshot("gw-a").unwrap(), None);
+
+        let resent = applier.apply_now(group(), 0);
+        assert!(resent.committed.is_ok());
+        assert_eq!(resent.batches_applied(), 3);
+        assert_eq!(acks(&applier), vec![("gw-a", 2), ("gw-b", 1)]);
+        assert_eq!(store.counters("gw-a").unwrap().batches_applied, 2);
+        assert_eq!(
+            applier.gateways["gw-a"].detector.newest_sample_ms(),
+            Some(NINE_AM_MS + 2 * MINUTE_MS)
+        );
+    }
+
+    /// Stored events, last_seq, counters and detector snapshot after
+    /// applying `batches` in groups of `size`.
+    fn applied_in_groups(
+        batches: &[Batch],
+        size: usize,
+    ) -> (Vec<Event>, Option<u64>, GatewayCounters, Option<Vec<u8>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut applier, store) = applier(crate::bench::SITE, &dir);
+        for chunk in batches.chunks(size) {
+            let outcome = applier.apply_now(chunk.to_vec(), 0);
+            assert!(outcome.committed.is_ok());
+        }
+        (
+            store.events().unwrap(),
+            store.last_seq("gw-01").unwrap(),
+            store.counters("gw-01").unwrap(),
+            store.detector_snapshot("gw-01").unwrap(),
+        )
+    }
+
+    #[test]
+    fn grouping_changes_neither_the_events_nor_the_stored_state() {
+        // 60 batches of 60 polls: 30 hours of the plant, with R1 intervals.
+        let mut batches: Vec<Batch> = (1..=60)
+            .map(|seq| crate::bench::plant_batch(seq, 60))
+            .collect();
+        // A loss in the middle: batches 31 and 32 discarded.
+        batches.retain(|b| b.seq != 31 && b.seq != 32);
+        batches[30].dropped_before = 1200;
+        // And resends of earlier batches.
+        batches.insert(10, batches[8].clone());
+        let one_by_one = applied_in_groups(&batches, 1);
+        assert!(one_by_one.0.len() > 5, "the history has events");
+        assert_eq!(
+            one_by_one.0.iter().filter(|e| e.rule == Rule::R5).count(),
+            1
+        );
+        assert_eq!(one_by_one.1, Some(60));
+        for size in [2, 7, 64] {
+            assert_eq!(
+                applied_in_groups(&batches, size),
+                one_by_one,
+                "groups of {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn discarded_samples_after_a_seq_gap_give_one_exact_r5_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut applier, store) = applier(crate::bench::SITE, &dir);
+        let first = Batch {
+            gateway: "gw-01".into(),
+            seq: 1,
+            dropped_before: 0,
+            samples: vec![
+                sample("l1-stenter", NINE_AM_MS - 30_000, 100.0),
+                sample("l1-main-fan", NINE_AM_MS, 18.0),
+            ],
+        };
+        applier.apply_now(vec![first], NINE_AM_MS);
+        // Batches 2..=4 never came; the gateway discarded 1,234 samples.
+        let half_past_eleven = NINE_AM_MS + 150 * MINUTE_MS;
+        let after_loss = Batch {
+            gateway: "gw-01".into(),
+            seq: 5,
+            dropped_before: 1234,
+            samples: vec![
+                sample("l2-stenter", half_past_eleven, 100.0),
+                sample("l1-stenter", half_past_eleven + 5, 100.0),
+            ],
+        };
+        // The first attempt does not commit; the resend gives the event.
+        store.fail_next_commit();
+        let failed = applier.apply_now(vec![after_loss.clone()], half_past_eleven + MINUTE_MS);
+        assert!(failed.committed.is_err());
+        assert_eq!(store.events().unwrap(), vec![]);
+        let outcome = applier.apply_now(vec![after_loss], half_past_eleven + MINUTE_MS);
+        let changes = outcome.committed.unwrap();
+        assert_eq!(changes.len(), 1);
+        assert!(changes[0].opened && changes[0].closed);
+
+        let expected = Event {
+            id: crate::detect::event_id("tx-dyeing", "gw-01/*", Rule::R5, NINE_AM_MS),
+            site: "tx-dyeing".into(),
+            gateway: "gw-01".into(),
+            line: ALL_LINES.into(),
+            rule: Rule::R5,
+            status: EventStatus::Closed,
+            start_ms: NINE_AM_MS,
+            end_ms: Some(half_past_eleven),
+            facilities: [
+                "l1-condenser", "l1-hv-esp", "l1-main-fan", "l1-spray-pump", "l1-stenter",
+                "l2-condenser", "l2-hv-esp", "l2-main-fan", "l2-spray-pump", "l2-stenter",
+            ]
+            .map(String::from)
+            .to_vec(),
+            historical: false,
+            notice_en: "Tongxiang Example Dyeing & Finishing Co.: data interruption. Gateway gw-01 discarded 1,234 readings (buffer full) between 2022-12-13 09:00 and 2022-12-13 11:30; 3 batches are missing. These readings cannot be recovered.".into(),
+            notice_zh: "Tongxiang Example Dyeing & Finishing Co.：工况数据缺失。网关gw-01缓存已满，2022-12-13 09:00至2022-12-13 11:30期间丢弃1,234条读数，缺失3个批次，无法补传。".into(),
+            data_loss: Some(DataLoss {
+                samples_dropped: 1234,
+                batches_missing: 3,
+            }),
+        };
+        assert_eq!(changes[0].event, expected);
+        assert_eq!(expected.id, "bf8972fc68b782cbcba3f57e3985f8bb");
+        assert_eq!(store.events().unwrap(), vec![expected.clone()]);
+        let counters = store.counters("gw-01").unwrap();
+        assert_eq!(
+            (
+                counters.sequence_gaps,
+                counters.batches_missing,
+                counters.samples_dropped_by_gateway
+            ),
+            (1, 3, 1234)
+        );
+
+        let json = expected.to_json(chrono_tz::Asia::Shanghai);
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "id": "bf8972fc68b782cbcba3f57e3985f8bb",
+                "site": "tx-dyeing",
+                "gateway": "gw-01",
+                "line": "*",
+                "rule": "R5",
+                "status": "closed",
+                "start": "2022-12-13T09:00:00+08:00",
+                "end": "2022-12-13T11:30:00+08:00",
+                "duration_secs": 9000,
+                "facilities": [
+                    "l1-condenser", "l1-hv-esp", "l1-main-fan", "l1-spray-pump", "l1-stenter",
+                    "l2-condenser", "l2-hv-esp", "l2-main-fan", "l2-spray-pump", "l2-stenter"
+                ],
+                "historical": false,
+                "notice": {
+                    "en": "Tongxiang Example Dyeing & Finishing Co.: data interruption. Gateway gw-01 discarded 1,234 readings (buffer full) between 2022-12-13 09:00 and 2022-12-13 11:30; 3 batches are missing. These readings cannot be recovered.",
+                    "zh": "Tongxiang Example Dyeing & Finishing Co.：工况数据缺失。网关gw-01缓存已满，2022-12-13 09:00至2022-12-13 11:30期间丢弃1,234条读数，缺失3个批次，无法补传。"
+                },
+                "samples_dropped": 1234,
+                "batches_missing": 3
+            })
+        );
     }
 }

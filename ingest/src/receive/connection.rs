@@ -3,11 +3,14 @@
 //! It polls the event loop all the time (rumqttc only makes progress, sends
 //! queued publishes and pings while polled), and never publishes itself: the
 //! apply task queues acks and events through the `AsyncClient`, this task
-//! sends them. On every ConnAck it subscribes to the batch filter again (the
-//! session is clean). After an error it waits with exponential backoff
+//! sends them. On every ConnAck it tells the apply task (which then acks
+//! every gateway) and subscribes to the batch filter again (a clean session
+//! has lost it; a persistent one keeps it, and subscribing again is
+//! harmless). After an error it waits with exponential backoff
 //! ([`BACKOFF_MIN`]..[`BACKOFF_MAX`]) and polls again, which reconnects.
 //!
-//! Incoming batch publishes go to the apply task through a bounded channel.
+//! Incoming batch publishes go to the apply task through a bounded channel,
+//! with the connection notices in order between them.
 //! When it is full this task waits (the broker then buffers, and TCP pushes
 //! back on it); it never drops a batch, because a dropped batch followed by
 //! an applied later one would be a gap. This cannot deadlock with the apply
@@ -22,13 +25,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use facwatch_proto::topics;
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, Outgoing, Publish, QoS, SubscribeReasonCode,
-};
+use rumqttc::{AsyncClient, Event, EventLoop, Incoming, Outgoing, QoS, SubscribeReasonCode};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::Inbound;
 use crate::stats::Stats;
 
 pub(crate) const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -37,7 +39,7 @@ pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub(crate) async fn run(
     mut eventloop: EventLoop,
     client: AsyncClient,
-    batches: mpsc::Sender<Publish>,
+    batches: mpsc::Sender<Inbound>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
@@ -56,8 +58,13 @@ pub(crate) async fn run(
             event = eventloop.poll() => event,
         };
         match event {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                info!(host = %host, port, "Connected to the MQTT broker.");
+            Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
+                info!(
+                    host = %host,
+                    port,
+                    session_present = connack.session_present,
+                    "Connected to the MQTT broker."
+                );
                 backoff = BACKOFF_MIN;
                 failures = 0;
                 // Queued from another task: this one must keep polling.
@@ -70,6 +77,8 @@ pub(crate) async fn run(
                         warn!(error = %e, "Could not queue the batch subscription.");
                     }
                 });
+                // After the subscription is queued: this may wait for room.
+                forward(&mut batches, Inbound::Connected, &shutdown).await;
             }
             Ok(Event::Incoming(Incoming::SubAck(suback))) => {
                 if suback
@@ -88,17 +97,7 @@ pub(crate) async fn run(
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                let Some(sender) = &batches else { continue };
-                tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => batches = None,
-                    sent = sender.send(publish) => {
-                        if sent.is_err() {
-                            // The apply task has ended: nothing more to forward.
-                            batches = None;
-                        }
-                    }
-                }
+                forward(&mut batches, Inbound::Batch(publish), &shutdown).await;
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 debug!("Disconnected from the MQTT broker.");
@@ -124,6 +123,26 @@ pub(crate) async fn run(
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Sends `message` to the apply task, waiting for room; stops forwarding
+/// (sets `batches` to `None`) on shutdown or when the apply task has ended.
+async fn forward(
+    batches: &mut Option<mpsc::Sender<Inbound>>,
+    message: Inbound,
+    shutdown: &CancellationToken,
+) {
+    let Some(sender) = batches else { return };
+    tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => *batches = None,
+        sent = sender.send(message) => {
+            if sent.is_err() {
+                // The apply task has ended: nothing more to forward.
+                *batches = None;
             }
         }
     }

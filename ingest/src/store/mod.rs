@@ -10,12 +10,21 @@
 //! | `events`   | event id         | bytes, `Event::encode`                  |
 //! | `counters` | (gateway, name)  | u64, see [`GatewayCounters`]            |
 //!
-//! **Invariant: the `last_seq`, the detector state and the events of a batch
-//! commit together, in one write transaction (`Store::commit_batch`).** The
-//! ingest acks a batch only after that commit, so after any crash the store
-//! holds either all of a batch's effects or none, and the gateway resends
-//! exactly the batches whose effects are missing. An event is upserted by id,
-//! so writing the same event twice is a no-op (and is reported as no change).
+//! **Invariant: the `last_seq`, the detector state, the events and the
+//! counters of a batch commit together, in one write transaction
+//! (`Store::commit_group`), and the ingest acks a batch only after that
+//! transaction has committed.** A transaction holds a *group* of batches
+//! (those queued together, of one or more gateways), and then the state
+//! after the group's last batch of each gateway: after any crash the store
+//! holds all of a group's effects or none, the acks sent cover only committed
+//! batches, and the gateways resend exactly the batches whose effects are
+//! missing. A gateway's `last_seq` and detector state always describe the
+//! same point of its stream.
+//!
+//! An event is upserted by id, so writing the same event twice is a no-op
+//! (and is reported as no change). Within a group, the events are written in
+//! the order the batches produced them, so each version is compared with the
+//! one before it, as if every batch had its own transaction.
 //!
 //! redb locks the file: only one `Store` may be open per file at a time
 //! (the ingest's `run` drops its store before returning, so the demo and
@@ -79,16 +88,16 @@ pub struct GatewayCounters {
     pub samples_dropped_by_gateway: u64,
 }
 
-/// What one applied batch changes, written by [`Store::commit_batch`].
-pub(crate) struct AppliedBatch<'a> {
+/// What a group of batches changed for one gateway, written by
+/// [`Store::commit_group`].
+pub(crate) struct GatewayCommit<'a> {
     pub(crate) gateway: &'a str,
-    pub(crate) seq: u64,
-    pub(crate) samples: u64,
-    pub(crate) dropped_before: u64,
-    /// Sequence numbers skipped between the previous batch and this one.
-    pub(crate) batches_missing: u64,
+    /// The last batch of the gateway applied in the group.
+    pub(crate) last_seq: u64,
+    /// The detector state after that batch.
     pub(crate) detector_snapshot: &'a [u8],
-    pub(crate) events: &'a [Event],
+    /// Added to the stored counters.
+    pub(crate) counters: GatewayCounters,
 }
 
 /// An event whose stored version changed with a batch.
@@ -103,6 +112,9 @@ pub(crate) struct EventChange {
 
 pub struct Store {
     db: Database,
+    /// Test seam: the next commit fails before writing anything.
+    #[cfg(test)]
+    fail_next_commit: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -143,7 +155,11 @@ impl Store {
             tx.open_table(COUNTERS).map_err(|e| open_error(e.into()))?;
         }
         tx.commit().map_err(|e| open_error(e.into()))?;
-        Ok(Store { db })
+        Ok(Store {
+            db,
+            #[cfg(test)]
+            fail_next_commit: Default::default(),
+        })
     }
 
     /// Every stored event, by start time (then id).
@@ -202,29 +218,62 @@ impl Store {
         Ok(value)
     }
 
-    /// Writes everything a batch changes in one transaction (see the module
-    /// doc); returns the events whose stored version changed.
-    pub(crate) fn commit_batch(
+    /// Writes everything a group of batches changes in one transaction (see
+    /// the module doc): per gateway its `last_seq`, detector snapshot and
+    /// counters, and `events` in the order they were produced. Returns the
+    /// events whose stored version changed, in that order. On an error
+    /// nothing is written.
+    pub(crate) fn commit_group(
         &self,
-        batch: &AppliedBatch<'_>,
+        gateways: &[GatewayCommit<'_>],
+        events: &[Event],
     ) -> Result<Vec<EventChange>, StoreError> {
-        let gateway = batch.gateway;
+        #[cfg(test)]
+        if self
+            .fail_next_commit
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(db(redb::StorageError::Io(std::io::Error::other(
+                "injected commit failure",
+            ))));
+        }
         let tx = self.db.begin_write().map_err(db)?;
         let mut changes = Vec::new();
         {
-            tx.open_table(LAST_SEQ)
-                .map_err(db)?
-                .insert(gateway, batch.seq)
-                .map_err(db)?;
-            tx.open_table(DETECTOR)
-                .map_err(db)?
-                .insert(gateway, batch.detector_snapshot)
-                .map_err(db)?;
+            let mut last_seq = tx.open_table(LAST_SEQ).map_err(db)?;
+            let mut detector = tx.open_table(DETECTOR).map_err(db)?;
+            let mut counters = tx.open_table(COUNTERS).map_err(db)?;
+            for update in gateways {
+                let gateway = update.gateway;
+                last_seq.insert(gateway, update.last_seq).map_err(db)?;
+                detector
+                    .insert(gateway, update.detector_snapshot)
+                    .map_err(db)?;
+                let add = update.counters;
+                for (name, add) in [
+                    (BATCHES_APPLIED, add.batches_applied),
+                    (SAMPLES_APPLIED, add.samples_applied),
+                    (SEQUENCE_GAPS, add.sequence_gaps),
+                    (BATCHES_MISSING, add.batches_missing),
+                    (SAMPLES_DROPPED_BY_GATEWAY, add.samples_dropped_by_gateway),
+                ] {
+                    if add == 0 {
+                        continue;
+                    }
+                    let old = counters
+                        .get((gateway, name))
+                        .map_err(db)?
+                        .map_or(0, |v| v.value());
+                    counters
+                        .insert((gateway, name), old.saturating_add(add))
+                        .map_err(db)?;
+                }
+            }
 
-            let mut events = tx.open_table(EVENTS).map_err(db)?;
-            for event in batch.events {
+            let mut stored = tx.open_table(EVENTS).map_err(db)?;
+            for event in events {
                 let bytes = event.encode();
-                let previous = events
+                let previous = stored
                     .insert(event.id.as_str(), bytes.as_slice())
                     .map_err(db)?
                     .map(|old| old.value().to_vec());
@@ -241,29 +290,16 @@ impl Store {
                     closed: event.status == EventStatus::Closed && was_closed != Some(true),
                 });
             }
-
-            let mut counters = tx.open_table(COUNTERS).map_err(db)?;
-            for (name, add) in [
-                (BATCHES_APPLIED, 1),
-                (SAMPLES_APPLIED, batch.samples),
-                (SEQUENCE_GAPS, u64::from(batch.batches_missing > 0)),
-                (BATCHES_MISSING, batch.batches_missing),
-                (SAMPLES_DROPPED_BY_GATEWAY, batch.dropped_before),
-            ] {
-                if add == 0 {
-                    continue;
-                }
-                let old = counters
-                    .get((gateway, name))
-                    .map_err(db)?
-                    .map_or(0, |v| v.value());
-                counters
-                    .insert((gateway, name), old.saturating_add(add))
-                    .map_err(db)?;
-            }
         }
         tx.commit().map_err(db)?;
         Ok(changes)
+    }
+
+    /// Makes the next [`Store::commit_group`] fail without writing.
+    #[cfg(test)]
+    pub(crate) fn fail_next_commit(&self) {
+        self.fail_next_commit
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -271,15 +307,21 @@ impl Store {
 mod tests {
     use super::*;
 
-    fn applied<'a>(seq: u64, samples: u64, snapshot: &'a [u8]) -> AppliedBatch<'a> {
-        AppliedBatch {
-            gateway: "gw-a",
-            seq,
-            samples,
-            dropped_before: 0,
-            batches_missing: 0,
+    fn applied<'a>(
+        gateway: &'a str,
+        seq: u64,
+        samples: u64,
+        snapshot: &'a [u8],
+    ) -> GatewayCommit<'a> {
+        GatewayCommit {
+            gateway,
+            last_seq: seq,
             detector_snapshot: snapshot,
-            events: &[],
+            counters: GatewayCounters {
+                batches_applied: 1,
+                samples_applied: samples,
+                ..GatewayCounters::default()
+            },
         }
     }
 
@@ -293,11 +335,25 @@ mod tests {
             assert_eq!(store.detector_snapshot("gw-a").unwrap(), None);
             assert_eq!(store.counters("gw-a").unwrap(), GatewayCounters::default());
 
-            assert_eq!(store.commit_batch(&applied(1, 3, b"s1")).unwrap(), vec![]);
-            let mut third = applied(3, 2, b"s3");
-            third.batches_missing = 1;
-            third.dropped_before = 7;
-            store.commit_batch(&third).unwrap();
+            assert_eq!(
+                store
+                    .commit_group(&[applied("gw-a", 1, 3, b"s1")], &[])
+                    .unwrap(),
+                vec![]
+            );
+            let mut third = applied("gw-a", 3, 2, b"s3");
+            third.counters.sequence_gaps = 1;
+            third.counters.batches_missing = 1;
+            third.counters.samples_dropped_by_gateway = 7;
+            // One transaction for two gateways.
+            store
+                .commit_group(&[third, applied("gw-c", 9, 4, b"c9")], &[])
+                .unwrap();
+            // A failed commit writes nothing.
+            store.fail_next_commit();
+            assert!(store
+                .commit_group(&[applied("gw-a", 4, 1, b"s4")], &[])
+                .is_err());
         }
         let store = Store::open(&path).unwrap();
         assert_eq!(store.last_seq("gw-a").unwrap(), Some(3));
@@ -317,6 +373,8 @@ mod tests {
                 samples_dropped_by_gateway: 7,
             }
         );
+        assert_eq!(store.last_seq("gw-c").unwrap(), Some(9));
+        assert_eq!(store.samples_applied("gw-c").unwrap(), 4);
         assert_eq!(store.events().unwrap(), vec![]);
     }
 
