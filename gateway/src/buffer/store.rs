@@ -461,16 +461,14 @@ impl<'t> Tables<'t> {
         Batch::decode(&bytes).map_err(|e| Failure::Corrupt(format!("batch {seq}: {e}")))
     }
 
-    /// Drops the held batch `seq` (limits): returns its sample count.
+    /// Removes held batch `seq` (the limits dropped it). Returns the count
+    /// its loss stands for: its own samples plus the `dropped_before` it
+    /// carried for batches dropped earlier, which moves on to the next
+    /// survivor (else the ingest would never learn of those).
     fn drop_held(&mut self, seq: u64, row: IndexRow) -> Result<u64, Failure> {
-        self.batches.remove(seq)?;
-        self.index.remove(seq)?;
-        self.counters.bytes = self
-            .counters
-            .bytes
-            .saturating_sub(u64::from(row.encoded_len));
+        let carried = self.take_batch(seq)?.dropped_before;
         self.counters.samples_dropped += u64::from(row.samples);
-        Ok(u64::from(row.samples))
+        Ok(u64::from(row.samples) + carried)
     }
 
     /// Adds `dropped` to the `dropped_before` of held batch `seq`.

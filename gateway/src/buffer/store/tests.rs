@@ -337,14 +337,14 @@ fn drop_oldest_deletes_the_oldest_batches_and_the_first_survivor_carries_their_c
     assert_bytes_counted(&buffer);
 
     // A batch of 15 samples needs the room of two more: 2 and 3 go, and 4
-    // carries their 20.
+    // carries their 20 plus the 10 that 2 carried for batch 1.
     let mut big = batch(15);
     assert_eq!(buffer.append(&mut big, 0).unwrap(), Some(5));
     let held = stored(&buffer);
     assert_eq!(held.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![4, 5]);
     assert_eq!(
         held.iter().map(|b| b.dropped_before).collect::<Vec<_>>(),
-        vec![20, 0]
+        vec![30, 0]
     );
     assert_eq!(buffer.meta().unwrap().samples_dropped, 30);
     assert_bytes_counted(&buffer);
@@ -365,9 +365,11 @@ fn drop_oldest_with_room_for_one_batch_makes_the_new_batch_carry_the_count() {
     for _ in 0..3 {
         buffer.append(&mut batch(10), 0).unwrap();
     }
+    // Batch 2 carried batch 1's 10 when it was dropped in turn: 3 carries
+    // every dropped sample, as many as samples_dropped counts.
     let held = stored(&buffer);
     assert_eq!(held.len(), 1);
-    assert_eq!((held[0].seq, held[0].dropped_before), (3, 10));
+    assert_eq!((held[0].seq, held[0].dropped_before), (3, 20));
     let meta = buffer.meta().unwrap();
     assert_eq!((meta.samples_dropped, meta.batches), (20, 1));
 }
