@@ -176,6 +176,44 @@ impl Process {
         }
     }
 
+    /// Whether the process has exited (and how), without waiting.
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits for the process to exit on its own; panics with its stderr
+    /// after `timeout`.
+    pub(crate) fn wait_for_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                self.fail(&format!("did not exit within {timeout:?}"));
+            }
+            thread::sleep(POLL_EVERY);
+        }
+    }
+
+    /// SIGKILL, as a power cut or the OOM killer would: no cleanup runs.
+    /// Returns once the process is reaped.
+    pub(crate) fn kill_hard(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM (a graceful stop), then waits up to `timeout` for the exit.
+    pub(crate) fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("running kill(1)");
+        assert!(sent.success(), "kill -TERM {} failed", self.pid());
+        self.wait_for_exit(timeout)
+    }
+
     /// Panics if the process has exited or `deadline` has passed; else
     /// pauses one poll period.
     fn check_running(&mut self, deadline: Instant, waiting_to: &str) {
