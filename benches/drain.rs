@@ -9,7 +9,7 @@
 //!
 //! ```sh
 //! cargo build --release --workspace --bins && cargo bench --bench drain
-//! cargo bench --bench drain -- --runs 5 --samples 200000
+//! cargo bench --bench drain -- --runs 5 --samples 200000 --window 64
 //! ```
 //!
 //! The backlog is the demo plant (10 meters) polled every second for
@@ -43,12 +43,15 @@ const PASSWORD: &str = "bench-pass";
 struct Options {
     runs: usize,
     samples: u64,
+    /// `[forward] window_batches`; `None`: the gateway's default.
+    window: Option<u32>,
 }
 
 fn options() -> Options {
     let mut options = Options {
         runs: 3,
         samples: 1_000_000,
+        window: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,6 +63,7 @@ fn options() -> Options {
                     .and_then(|v| v.parse().ok())
                     .expect("--samples N")
             }
+            "--window" => options.window = args.next().and_then(|v| v.parse().ok()),
             // cargo bench passes --bench.
             _ => {}
         }
@@ -67,8 +71,17 @@ fn options() -> Options {
     options
 }
 
-/// Writes the backlog; returns (samples, batches, file bytes).
-fn write_backlog(path: &Path, samples: u64) -> (u64, u64, u64) {
+/// What the backlog holds.
+struct Backlog {
+    samples: u64,
+    batches: u64,
+    /// The batches' encoded (wire) bytes.
+    encoded_bytes: u64,
+    /// The redb file's size.
+    file_bytes: u64,
+}
+
+fn write_backlog(path: &Path, samples: u64) -> Backlog {
     let scenario = facwatch::builtin_scenario().expect("the built-in scenario");
     let model = PlantModel::new(&scenario);
     let meters: Vec<String> = scenario.site.meters.iter().map(|m| m.id.clone()).collect();
@@ -108,8 +121,12 @@ fn write_backlog(path: &Path, samples: u64) -> (u64, u64, u64) {
     let meta = buffer.meta().expect("buffer meta");
     assert_eq!(meta.samples_produced, samples);
     drop(buffer);
-    let bytes = std::fs::metadata(path).expect("backlog file").len();
-    (samples, batches, bytes)
+    Backlog {
+        samples,
+        batches,
+        encoded_bytes: meta.bytes,
+        file_bytes: std::fs::metadata(path).expect("backlog file").len(),
+    }
 }
 
 /// Highest resident set size seen while sampling `/proc/PID/status`.
@@ -126,7 +143,13 @@ struct Run {
     peak_rss_kib: u64,
 }
 
-fn drain_once(plant: &Plant, backlog: &Path, run: usize, mosquitto: Option<u16>) -> Run {
+fn drain_once(
+    plant: &Plant,
+    backlog: &Path,
+    run: usize,
+    mosquitto: Option<u16>,
+    window: Option<u32>,
+) -> Run {
     let name = format!("{}-{run}", if mosquitto.is_some() { "mosq" } else { "emb" });
     let buffer = plant.path(&format!("{name}.buffer.redb"));
     std::fs::copy(backlog, &buffer).expect("copying the backlog");
@@ -152,7 +175,10 @@ fn drain_once(plant: &Plant, backlog: &Path, run: usize, mosquitto: Option<u16>)
             credentials: mosquitto.map(|_| (USER.into(), PASSWORD.into())),
             buffer: buffer.clone(),
             buffer_extra: String::new(),
-            forward_extra: "replay_batches_per_sec = 0\nreplay_bytes_per_sec = 0\n".into(),
+            forward_extra: format!(
+                "replay_batches_per_sec = 0\nreplay_bytes_per_sec = 0\n{}",
+                window.map_or(String::new(), |w| format!("window_batches = {w}\n"))
+            ),
             time_scale: 1.0,
             until: at(REPLAY_ONLY_UNTIL.0, REPLAY_ONLY_UNTIL.1),
         },
@@ -204,11 +230,15 @@ fn main() {
     let plant = Plant::new();
     let backlog = plant.path("backlog.redb");
     let began = Instant::now();
-    let (samples, batches, file_bytes) = write_backlog(&backlog, options.samples);
+    let written = write_backlog(&backlog, options.samples);
+    let samples = written.samples;
     println!(
-        "backlog: {samples} samples in {batches} batches, buffer file {file_bytes} bytes = {:.1} bytes/sample (written in {:.1} s)",
-        file_bytes as f64 / samples as f64,
-        began.elapsed().as_secs_f64()
+        "backlog: {samples} samples in {} batches (written in {:.1} s); buffer file {} bytes = {:.1} bytes/sample on disk, {:.1} bytes/sample encoded",
+        written.batches,
+        began.elapsed().as_secs_f64(),
+        written.file_bytes,
+        written.file_bytes as f64 / samples as f64,
+        written.encoded_bytes as f64 / samples as f64,
     );
 
     let mut mosquitto = fault::Mosquitto::start(plant.dir.path(), USER, PASSWORD);
@@ -216,8 +246,8 @@ fn main() {
         vec![("embedded rumqttd", Vec::new()), ("mosquitto", Vec::new())];
     // Interleaved, so machine noise hits both brokers alike.
     for run in 0..options.runs {
-        let embedded = drain_once(&plant, &backlog, run, None);
-        let external = drain_once(&plant, &backlog, run, Some(mosquitto.port));
+        let embedded = drain_once(&plant, &backlog, run, None, options.window);
+        let external = drain_once(&plant, &backlog, run, Some(mosquitto.port), options.window);
         for (result, (label, runs)) in [embedded, external].into_iter().zip(results.iter_mut()) {
             println!(
                 "run {run} {label}: {:.2} s, {:.0} samples/s, gateway peak RSS {:.1} MB",

@@ -143,6 +143,10 @@ pub async fn run(
         // At 1440x a live batch is cut every 42 ms of wall time, faster
         // than the default replay pace; the demo has one gateway.
         s.replay = facwatch_gateway::ReplayPace::UNLIMITED;
+        // The commit interval is wall time: at 1440x the default 1 s would
+        // hold 24 virtual minutes of samples back from the ingest, and the
+        // events would close late enough to count as found in a replay.
+        s.commit_interval = Duration::from_millis(20);
         s
     };
     let gateway_stats = Arc::new(facwatch_gateway::Stats::default());
