@@ -1,8 +1,10 @@
 //! The facwatch demo and the end-to-end harness: a simulated plant, the
 //! gateway and the ingest wired together in one process ([`pipeline`]),
-//! and the text the demo prints ([`report`]).
+//! the text the demo prints ([`report`]), and a plant's samples without the
+//! wires, for detector tests ([`plant_samples`]).
 
 pub mod pipeline;
+pub mod plant_samples;
 pub mod report;
 
 /// The built-in scenario: `deploy/stenter-plant.scenario.toml` and the site
