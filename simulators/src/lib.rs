@@ -9,7 +9,10 @@
 //! - [`plant`]: the pure model. Production facilities run inside their
 //!   line's shift windows; treatment runs from `lead` minutes before
 //!   production to `lag` minutes after; `facility_off` faults force the off
-//!   level. Each meter's reading (power with seeded noise, power factor,
+//!   level, `treatment_late` / `treatment_early` shift treatment's start or
+//!   stop past production's, `low_load` lowers the running draw,
+//!   `frozen_value` and `energy_backwards` falsify a meter's readings (the
+//!   rule scenarios in `deploy/scenarios/` use them, one per rule). Each meter's reading (power with seeded noise, power factor,
 //!   phase voltages, currents, energy) is a function of (seed, meter,
 //!   virtual time) alone, equal within a virtual second; energy counters
 //!   integrate the noiseless schedule and never go backwards.

@@ -5,11 +5,20 @@
 //! - a production facility runs inside its line's shift windows;
 //! - a treatment facility runs from `production_start - lead` to
 //!   `production_end + lag` of the same shifts;
-//! - a `facility_off` fault forces it off inside its window.
+//! - a `facility_off` fault forces it off inside its window;
+//! - a `treatment_late` fault forces a line's treatment off from `lead`
+//!   before a production start until `late` after it, a `treatment_early`
+//!   fault from `early` before a production end until `lag` after it.
 //!
-//! Running it draws `rated_kw * running_fraction`, otherwise its off level
-//! (idle production, standby or tripped treatment); defaults by kind, per
-//! DOMAIN.md, overridable per facility in the scenario.
+//! Running it draws `rated_kw * running_fraction` (`rated_kw * fraction`
+//! inside a `low_load` fault), otherwise its off level (idle production,
+//! standby or tripped treatment); defaults by kind, per DOMAIN.md,
+//! overridable per facility in the scenario.
+//!
+//! Meter faults that change readings, not the facility: inside a
+//! `frozen_value` window a meter reads (every register) what it read at the
+//! window start; inside an `energy_backwards` window its counter reads
+//! `drop_kwh` less. [`Plant::is_running`] tells the facility's truth.
 //!
 //! Invariants:
 //! - Deterministic: [`Plant::values`] is a function of (seed, meter, virtual
@@ -20,17 +29,20 @@
 //!   satisfy `I = P * 1000 / (3 * U_phase * PF)` per phase.
 //! - The energy counter is the exact integral of the noiseless level from
 //!   the scenario start (plus a seeded initial reading), computed from
-//!   integer milliseconds of running and not-running time, so it never
-//!   decreases as virtual time increases.
+//!   integer milliseconds of running (at each level) and not-running time,
+//!   so it never decreases as virtual time increases, except where an
+//!   `energy_backwards` window starts (it steps back by `drop_kwh`) and
+//!   where a `frozen_value` window holds it still (it steps forward to the
+//!   true reading at the window's end).
 
 use std::collections::HashMap;
 
-use chrono::{NaiveDate, NaiveTime, TimeDelta, TimeZone};
+use chrono::{NaiveDate, NaiveTime, TimeZone};
 use chrono_tz::Tz;
-use facwatch_proto::site::{FacilityKind, Role};
+use facwatch_proto::site::{Facility, FacilityKind, Role};
 use facwatch_proto::wire::Values;
 
-use crate::scenario::{FaultEffect, Scenario, Window};
+use crate::scenario::{local_ms, shift_edges, FaultEffect, Scenario, ShiftEdge, Window};
 
 const MS_PER_HOUR: f64 = 3_600_000.0;
 const MS_PER_DAY: i64 = 86_400_000;
@@ -54,7 +66,10 @@ fn default_load(kind: FacilityKind) -> (f64, f64) {
         FacilityKind::Production => (0.70, 1.0),
         FacilityKind::MainFan => (0.80, 0.02),
         FacilityKind::Condenser => (0.85, 0.02),
-        FacilityKind::HvEsp => (0.40, 0.05),
+        // 5 kW of a 10 kW supply: inside DOMAIN.md's 1-8 kW, and above R4's
+        // 0.4 x rated with the default noise, so a healthy day is not
+        // low-load.
+        FacilityKind::HvEsp => (0.50, 0.05),
         FacilityKind::SprayPump => (0.90, 0.02),
         FacilityKind::Treatment => (0.80, 0.02),
     }
@@ -75,6 +90,11 @@ pub struct Plant {
 struct MeterModel {
     key: u64,
     load: Option<FacilityLoad>,
+    /// `frozen_value` windows: inside one, the meter reads what it read at
+    /// the window's start.
+    frozen: Vec<Window>,
+    /// `energy_backwards` windows and the kWh the counter loses in each.
+    energy_drops: Vec<(Window, f64)>,
     base_voltage: f64,
     base_power_factor: f64,
     initial_kwh: f64,
@@ -83,6 +103,7 @@ struct MeterModel {
 #[derive(Debug, Clone)]
 struct FacilityLoad {
     facility: String,
+    rated_kw: f64,
     running_kw: f64,
     off_kw: f64,
     noise: f64,
@@ -91,6 +112,17 @@ struct FacilityLoad {
     stop_threshold_kw: f64,
     schedule: Vec<DailyWindow>,
     forced_off: Vec<Window>,
+    /// `low_load` faults as disjoint spans (a later fault loses where an
+    /// earlier one overlaps it), each with its fraction of rated power.
+    low_load: Vec<LowLoadSpans>,
+}
+
+#[derive(Debug, Clone)]
+struct LowLoadSpans {
+    spans: Vec<(i64, i64)>,
+    fraction: f64,
+    /// Index of the fault in the scenario, for messages.
+    fault: usize,
 }
 
 /// A window that repeats every local day: from `start - before` to `end +
@@ -142,19 +174,31 @@ impl Plant {
                         }
                     })
                     .collect();
-                let forced_off = scenario
-                    .faults
-                    .iter()
-                    .filter(|f| match &f.effect {
-                        FaultEffect::FacilityOff { facilities } => {
-                            facilities.contains(&facility.id)
+                let forced_off = forced_off_windows(scenario, &line.id, facility);
+                let mut low_load = Vec::new();
+                let mut earlier = Vec::new();
+                for (index, fault) in scenario.faults.iter().enumerate() {
+                    if let FaultEffect::LowLoad {
+                        facilities,
+                        fraction,
+                    } = &fault.effect
+                    {
+                        if facilities.contains(&facility.id) {
+                            low_load.push(LowLoadSpans {
+                                spans: subtract(
+                                    vec![(fault.window.from_ms, fault.window.until_ms)],
+                                    &earlier,
+                                ),
+                                fraction: *fraction,
+                                fault: index,
+                            });
+                            earlier.push(fault.window);
                         }
-                        _ => false,
-                    })
-                    .map(|f| f.window)
-                    .collect();
+                    }
+                }
                 Some(FacilityLoad {
                     facility: facility.id.clone(),
+                    rated_kw: facility.rated_kw,
                     running_kw: facility.rated_kw * fraction,
                     off_kw: overrides.and_then(|o| o.idle_kw).unwrap_or(off_kw),
                     noise: overrides
@@ -166,15 +210,36 @@ impl Plant {
                     stop_threshold_kw: facility.stop_threshold_kw,
                     schedule,
                     forced_off,
+                    low_load,
                 })
             });
             if let Some(load) = &load {
                 by_facility.insert(load.facility.clone(), meters.len());
             }
             by_meter.insert(meter.id.clone(), meters.len());
+            let frozen = scenario
+                .faults
+                .iter()
+                .filter(|f| matches!(&f.effect, FaultEffect::FrozenValue { meters } if meters.contains(&meter.id)))
+                .map(|f| f.window)
+                .collect();
+            let energy_drops = scenario
+                .faults
+                .iter()
+                .filter_map(|f| match &f.effect {
+                    FaultEffect::EnergyBackwards { meters, drop_kwh }
+                        if meters.contains(&meter.id) =>
+                    {
+                        Some((f.window, *drop_kwh))
+                    }
+                    _ => None,
+                })
+                .collect();
             meters.push(MeterModel {
                 key,
                 load,
+                frozen,
+                energy_drops,
                 base_voltage: VOLTAGE_BASE_LOW + VOLTAGE_BASE_SPAN * fixed_unit(seed, key, 1),
                 base_power_factor: PF_BASE_LOW + PF_BASE_SPAN * fixed_unit(seed, key, 2),
                 // A meter in service shows some history, not zero.
@@ -196,13 +261,36 @@ impl Plant {
     /// load.
     pub fn values(&self, meter: &str, at_ms: i64) -> Option<Values> {
         let model = &self.meters[*self.by_meter.get(meter)?];
+        // A frozen meter repeats the reading of its (earliest) window start.
+        let read_at = model
+            .frozen
+            .iter()
+            .filter(|w| w.contains(at_ms))
+            .map(|w| w.from_ms)
+            .min()
+            .unwrap_or(at_ms);
+        let mut values = self.true_values(model, read_at);
+        let lost_kwh: f64 = model
+            .energy_drops
+            .iter()
+            .filter(|(w, _)| w.contains(at_ms))
+            .map(|(_, kwh)| kwh)
+            .sum();
+        if lost_kwh > 0.0 {
+            values.energy_kwh = values.energy_kwh.map(|e| e - lost_kwh);
+        }
+        Some(values)
+    }
+
+    /// What the meter of `model` reads at `at_ms` without meter faults.
+    fn true_values(&self, model: &MeterModel, at_ms: i64) -> Values {
         let second = at_ms.div_euclid(1000);
         let jitter = |channel: u64| 2.0 * second_unit(self.seed, model.key, second, channel) - 1.0;
 
         let (power_kw, power_factor) = match &model.load {
             Some(load) => {
                 let level = if self.load_running(load, at_ms) {
-                    load.running_kw
+                    load.running_level_kw(at_ms)
                 } else {
                     load.off_kw
                 };
@@ -220,13 +308,13 @@ impl Plant {
             .iter()
             .map(|u| (power_kw * 1000.0 / (3.0 * u * power_factor)) as f32)
             .collect();
-        Some(Values {
+        Values {
             power_kw: Some(power_kw as f32),
             energy_kwh: Some(self.energy_kwh(model, at_ms)),
             voltage_v: voltage_v.into_iter().map(|u| u as f32).collect(),
             current_a,
             power_factor: Some(power_factor as f32),
-        })
+        }
     }
 
     /// Whether `facility` runs at `at_ms` (`None`: no such facility).
@@ -248,6 +336,15 @@ impl Plant {
                     "facility `{}` may run at {lowest_running:.3} kW, below its start threshold {} kW",
                     load.facility, load.start_threshold_kw
                 ));
+            }
+            for low in &load.low_load {
+                let lowest = load.rated_kw * low.fraction * (1.0 - load.noise);
+                if lowest < load.start_threshold_kw {
+                    problems.push(format!(
+                        "facility `{}` may run at {lowest:.3} kW under low_load faults[{}], below its start threshold {} kW",
+                        load.facility, low.fault, load.start_threshold_kw
+                    ));
+                }
             }
             let highest_off = load.off_kw * (1.0 + load.noise);
             if highest_off >= load.stop_threshold_kw {
@@ -271,25 +368,42 @@ impl Plant {
             return model.initial_kwh;
         };
         let until = at_ms.max(self.origin_ms);
-        let running_ms = self.running_ms(load, self.origin_ms, until);
+        let running = self.running_spans(load, self.origin_ms, until);
+        let running_ms: i64 = running.iter().map(|(s, e)| e - s).sum();
         let off_ms = until - self.origin_ms - running_ms;
-        // Two non-negative terms, each monotone in its own integer count.
-        model.initial_kwh
-            + load.running_kw * running_ms as f64 / MS_PER_HOUR
-            + load.off_kw * off_ms as f64 / MS_PER_HOUR
+        let mut normal_ms = running_ms;
+        let mut kwh = model.initial_kwh + load.off_kw * off_ms as f64 / MS_PER_HOUR;
+        for low in &load.low_load {
+            let low_ms = overlap_ms(&running, &low.spans);
+            normal_ms -= low_ms;
+            kwh += load.rated_kw * low.fraction * low_ms as f64 / MS_PER_HOUR;
+        }
+        // Non-negative terms, each monotone in its own integer count (the
+        // low-load spans are disjoint, so `normal_ms` is the running time
+        // outside all of them).
+        kwh + load.running_kw * normal_ms as f64 / MS_PER_HOUR
     }
 
     /// Milliseconds of `[from_ms, until_ms)` during which the facility runs.
     fn running_ms(&self, load: &FacilityLoad, from_ms: i64, until_ms: i64) -> i64 {
+        self.running_spans(load, from_ms, until_ms)
+            .iter()
+            .map(|(s, e)| e - s)
+            .sum()
+    }
+
+    /// The sorted, disjoint spans of `[from_ms, until_ms)` during which the
+    /// facility runs.
+    fn running_spans(&self, load: &FacilityLoad, from_ms: i64, until_ms: i64) -> Vec<(i64, i64)> {
         if until_ms <= from_ms {
-            return 0;
+            return Vec::new();
         }
         let mut spans = Vec::new();
         let (Some(first), Some(last)) = (
             self.local_date(from_ms.saturating_sub(2 * MS_PER_DAY)),
             self.local_date(until_ms.saturating_add(MS_PER_DAY)),
         ) else {
-            return 0;
+            return Vec::new();
         };
         for date in first.iter_days().take_while(|d| *d <= last) {
             for window in &load.schedule {
@@ -309,8 +423,7 @@ impl Plant {
                 }
             }
         }
-        let spans = subtract(merge(spans), &load.forced_off);
-        spans.iter().map(|(s, e)| e - s).sum()
+        subtract(merge(spans), &load.forced_off)
     }
 
     fn local_date(&self, at_ms: i64) -> Option<NaiveDate> {
@@ -320,20 +433,86 @@ impl Plant {
             .map(|t| t.date_naive())
     }
 
-    /// Unix ms of a local wall time; a time skipped by a DST change is taken
-    /// an hour later, an ambiguous one at its first occurrence.
     fn local_ms(&self, date: NaiveDate, time: NaiveTime) -> Option<i64> {
-        let naive = date.and_time(time);
-        self.time_zone
-            .from_local_datetime(&naive)
-            .earliest()
-            .or_else(|| {
-                self.time_zone
-                    .from_local_datetime(&(naive + TimeDelta::hours(1)))
-                    .earliest()
-            })
-            .map(|t| t.timestamp_millis())
+        local_ms(self.time_zone, date, time)
     }
+}
+
+impl FacilityLoad {
+    /// The noiseless draw while running: its running level, or its
+    /// fraction of rated power inside a `low_load` fault.
+    fn running_level_kw(&self, at_ms: i64) -> f64 {
+        self.low_load
+            .iter()
+            .find(|low| low.spans.iter().any(|(s, e)| *s <= at_ms && at_ms < *e))
+            .map_or(self.running_kw, |low| self.rated_kw * low.fraction)
+    }
+}
+
+/// Windows in which `facility` of `line` is forced off: its `facility_off`
+/// faults and, for a treatment facility, what the line's `treatment_late`
+/// and `treatment_early` faults take from the shifts' lead and lag.
+fn forced_off_windows(scenario: &Scenario, line: &str, facility: &Facility) -> Vec<Window> {
+    let treatment = facility.role() == Role::Treatment;
+    let mut windows = Vec::new();
+    for fault in &scenario.faults {
+        let (edge, offset) = match &fault.effect {
+            FaultEffect::FacilityOff { facilities } => {
+                if facilities.contains(&facility.id) {
+                    windows.push(fault.window);
+                }
+                continue;
+            }
+            FaultEffect::TreatmentLate { lines, late }
+                if treatment && lines.iter().any(|l| l == line) =>
+            {
+                (ShiftEdge::Start, *late)
+            }
+            FaultEffect::TreatmentEarly { lines, early }
+                if treatment && lines.iter().any(|l| l == line) =>
+            {
+                (ShiftEdge::End, *early)
+            }
+            _ => continue,
+        };
+        let offset_ms = offset.as_millis() as i64;
+        let edges = shift_edges(
+            &scenario.shifts,
+            scenario.site.time_zone,
+            line,
+            fault.window,
+            edge,
+        );
+        for (at_ms, index) in edges {
+            let shift = &scenario.shifts[index];
+            windows.push(match edge {
+                ShiftEdge::Start => Window {
+                    from_ms: at_ms - shift.treatment_lead.as_millis() as i64,
+                    until_ms: at_ms + offset_ms,
+                },
+                ShiftEdge::End => Window {
+                    from_ms: at_ms - offset_ms,
+                    until_ms: at_ms + shift.treatment_lag.as_millis() as i64,
+                },
+            });
+        }
+    }
+    windows
+}
+
+/// Milliseconds where two sorted lists of disjoint half-open spans overlap.
+fn overlap_ms(a: &[(i64, i64)], b: &[(i64, i64)]) -> i64 {
+    let mut total = 0;
+    for (a_start, a_end) in a {
+        for (b_start, b_end) in b {
+            let start = (*a_start).max(*b_start);
+            let end = (*a_end).min(*b_end);
+            if start < end {
+                total += end - start;
+            }
+        }
+    }
+    total
 }
 
 /// Sorted, disjoint union of half-open spans.
@@ -402,6 +581,10 @@ fn second_unit(seed: u64, key: u64, second: i64, channel: u64) -> f64 {
         mix(mix(seed ^ mix(key)) ^ second as u64) ^ channel.wrapping_add(0x51_7cc1)
     ))
 }
+
+#[cfg(test)]
+#[path = "plant_fault_tests.rs"]
+mod fault_tests;
 
 #[cfg(test)]
 mod tests {

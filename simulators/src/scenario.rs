@@ -15,6 +15,13 @@
 //!   (the gateway still takes the answer) and a `late_reply` delay is
 //!   above it (the answer arrives after the gateway gave up), both at most
 //!   [`MAX_REPLY_DELAY_MS`];
+//! - a `treatment_late` (`treatment_early`) window holds at least one
+//!   production start (end) of every line it names, each such line has a
+//!   treatment facility, and the offset is positive and shorter than every
+//!   shift it changes;
+//! - a `low_load` fraction is in (0, 1.5]; an `energy_backwards` drop is in
+//!   (0, [`MAX_ENERGY_DROP_KWH`]], so no counter reads below zero;
+//! - a fault carries only the keys of its kind;
 //! - facility overrides name distinct facilities and hold sane numbers;
 //! - no two meters of the site share one TCP endpoint and unit id (the
 //!   site file checks it: a real RS-485 bus could not tell them apart).
@@ -25,8 +32,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveTime};
-use facwatch_proto::site::{parse_toml, read_toml, ConfigError, Site};
+use chrono::{DateTime, NaiveDate, NaiveTime, TimeDelta, TimeZone};
+use chrono_tz::Tz;
+use facwatch_proto::site::{parse_toml, read_toml, ConfigError, Role, Site};
 
 /// A validated scenario: the site it drives and what happens when.
 #[derive(Debug, Clone, PartialEq)]
@@ -101,6 +109,39 @@ pub enum FaultEffect {
     /// The meters answer with a corrupted CRC (RTU); on Modbus TCP, which
     /// has no CRC, they do not answer.
     BadCrc { meters: Vec<String> },
+    /// At every production start of the lines inside the window, their
+    /// treatment facilities are off from `lead` before it until `late`
+    /// after it: treatment starts `late` after production (R2).
+    TreatmentLate { lines: Vec<String>, late: Duration },
+    /// At every production end of the lines inside the window, their
+    /// treatment facilities are off from `early` before it until `lag`
+    /// after it: treatment stops `early` before production (R3).
+    TreatmentEarly { lines: Vec<String>, early: Duration },
+    /// While running, the facilities draw `fraction` of their rated power
+    /// instead of their running fraction (R4). The first listed of
+    /// overlapping `low_load` faults wins.
+    LowLoad {
+        facilities: Vec<String>,
+        fraction: f64,
+    },
+    /// The meters read, all values alike, what they read at the window's
+    /// start (R7, frozen value); afterwards they read true again.
+    FrozenValue { meters: Vec<String> },
+    /// The meters' energy counters read `drop_kwh` less inside the window
+    /// (R7, energy going backwards at `from`); at `until` they read true
+    /// again. Overlapping drops add up.
+    EnergyBackwards { meters: Vec<String>, drop_kwh: f64 },
+}
+
+/// The largest `drop_kwh` of an `energy_backwards` fault: every simulated
+/// counter starts at 1000 kWh or more, so it never reads below zero.
+pub const MAX_ENERGY_DROP_KWH: f64 = 1000.0;
+
+/// Which end of a production window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShiftEdge {
+    Start,
+    End,
 }
 
 /// How a meter's faults change its answers at one instant. Several faults
@@ -174,7 +215,12 @@ impl Scenario {
         let names = |meters: &[String]| meters.iter().any(|m| m == meter);
         for fault in self.faults.iter().filter(|f| f.window.contains(at_ms)) {
             match &fault.effect {
-                FaultEffect::FacilityOff { .. } => {}
+                FaultEffect::FacilityOff { .. }
+                | FaultEffect::TreatmentLate { .. }
+                | FaultEffect::TreatmentEarly { .. }
+                | FaultEffect::LowLoad { .. }
+                | FaultEffect::FrozenValue { .. }
+                | FaultEffect::EnergyBackwards { .. } => {}
                 FaultEffect::MeterSilent { meters } => found.silent |= names(meters),
                 FaultEffect::ModbusException { meters, code } => {
                     if found.exception.is_none() && names(meters) {
@@ -276,86 +322,146 @@ impl Scenario {
                     "the fault window lies outside the scenario's start..end".into(),
                 ));
             }
-            let forbid = |present: bool, name: &str| -> Result<(), ConfigError> {
-                if present {
-                    return Err(err(
-                        key(name),
-                        format!("does not apply to kind = \"{}\"", f.kind.as_str()),
-                    ));
-                }
-                Ok(())
+            let kind = f.kind;
+            // Every optional key, in the order a misplaced one is reported.
+            let given = [
+                ("facilities", f.facilities.is_some()),
+                ("meters", f.meters.is_some()),
+                ("lines", f.lines.is_some()),
+                ("code", f.code.is_some()),
+                ("delay_ms", f.delay_ms.is_some()),
+                ("late_secs", f.late_secs.is_some()),
+                ("early_secs", f.early_secs.is_some()),
+                ("fraction", f.fraction.is_some()),
+                ("drop_kwh", f.drop_kwh.is_some()),
+            ];
+            if let Some((name, _)) = given
+                .iter()
+                .find(|(name, present)| *present && !kind.takes(name))
+            {
+                return Err(err(
+                    key(name),
+                    format!("does not apply to kind = \"{}\"", kind.as_str()),
+                ));
+            }
+            let required = |name: &str, hint: &str| {
+                err(
+                    key(name),
+                    format!("is required for kind = \"{}\"{hint}", kind.as_str()),
+                )
             };
-            let require = |list: &Option<Vec<String>>, name: &str| {
-                list.clone().ok_or_else(|| {
-                    err(
-                        key(name),
-                        format!("is required for kind = \"{}\"", f.kind.as_str()),
-                    )
-                })
+            let names = |list: &Option<Vec<String>>,
+                         name: &str,
+                         what: &str,
+                         exists: &dyn Fn(&str) -> bool| {
+                let list = list.clone().ok_or_else(|| required(name, ""))?;
+                check_names(&list, exists, what, &key(name), &raw.site_file, file)?;
+                Ok::<_, ConfigError>(list)
             };
-            let effect = match f.kind {
-                raw::FaultKind::FacilityOff => {
-                    forbid(f.meters.is_some(), "meters")?;
-                    forbid(f.code.is_some(), "code")?;
-                    forbid(f.delay_ms.is_some(), "delay_ms")?;
-                    let facilities = require(&f.facilities, "facilities")?;
-                    check_names(
-                        &facilities,
-                        facility_exists,
-                        "facility",
-                        &key("facilities"),
-                        &raw.site_file,
-                        file,
-                    )?;
-                    FaultEffect::FacilityOff { facilities }
-                }
-                kind => {
-                    forbid(f.facilities.is_some(), "facilities")?;
-                    let meters = require(&f.meters, "meters")?;
-                    check_names(
-                        &meters,
-                        meter_exists,
-                        "meter",
-                        &key("meters"),
-                        &raw.site_file,
-                        file,
-                    )?;
-                    let delayed =
-                        matches!(kind, raw::FaultKind::SlowReply | raw::FaultKind::LateReply);
-                    forbid(f.delay_ms.is_some() && !delayed, "delay_ms")?;
-                    let exception = kind == raw::FaultKind::ModbusException;
-                    forbid(f.code.is_some() && !exception, "code")?;
-                    if exception {
-                        let code = match f.code {
-                            Some(0) => {
-                                return Err(err(
-                                    key("code"),
-                                    "0 is not a Modbus exception code (1..=255)".into(),
-                                ))
-                            }
-                            Some(code) => code,
-                            None => {
-                                return Err(err(
-                                    key("code"),
-                                    "is required for kind = \"modbus_exception\" (e.g. 4, server device failure)".into(),
-                                ))
-                            }
-                        };
-                        FaultEffect::ModbusException { meters, code }
-                    } else if delayed {
-                        let late = kind == raw::FaultKind::LateReply;
-                        let delay = reply_delay(f.delay_ms, late, &meters, &site)
-                            .map_err(|problem| err(key("delay_ms"), problem))?;
-                        if late {
-                            FaultEffect::LateReply { meters, delay }
-                        } else {
-                            FaultEffect::SlowReply { meters, delay }
+            let meters = || names(&f.meters, "meters", "meter", &meter_exists);
+            let facilities = || names(&f.facilities, "facilities", "facility", &facility_exists);
+            let window = Window { from_ms, until_ms };
+            let effect = match kind {
+                raw::FaultKind::FacilityOff => FaultEffect::FacilityOff {
+                    facilities: facilities()?,
+                },
+                raw::FaultKind::MeterSilent => FaultEffect::MeterSilent { meters: meters()? },
+                raw::FaultKind::BadCrc => FaultEffect::BadCrc { meters: meters()? },
+                raw::FaultKind::FrozenValue => FaultEffect::FrozenValue { meters: meters()? },
+                raw::FaultKind::ModbusException => {
+                    let meters = meters()?;
+                    let code = match f.code {
+                        Some(0) => {
+                            return Err(err(
+                                key("code"),
+                                "0 is not a Modbus exception code (1..=255)".into(),
+                            ))
                         }
-                    } else if kind == raw::FaultKind::BadCrc {
-                        FaultEffect::BadCrc { meters }
+                        Some(code) => code,
+                        None => return Err(required("code", " (e.g. 4, server device failure)")),
+                    };
+                    FaultEffect::ModbusException { meters, code }
+                }
+                raw::FaultKind::SlowReply | raw::FaultKind::LateReply => {
+                    let meters = meters()?;
+                    let late = kind == raw::FaultKind::LateReply;
+                    let delay = reply_delay(f.delay_ms, late, &meters, &site)
+                        .map_err(|problem| err(key("delay_ms"), problem))?;
+                    if late {
+                        FaultEffect::LateReply { meters, delay }
                     } else {
-                        FaultEffect::MeterSilent { meters }
+                        FaultEffect::SlowReply { meters, delay }
                     }
+                }
+                raw::FaultKind::TreatmentLate | raw::FaultKind::TreatmentEarly => {
+                    let late = kind == raw::FaultKind::TreatmentLate;
+                    let lines = names(&f.lines, "lines", "line", &line_exists)?;
+                    let (secs_key, secs) = if late {
+                        ("late_secs", f.late_secs)
+                    } else {
+                        ("early_secs", f.early_secs)
+                    };
+                    let edge = if late {
+                        ShiftEdge::Start
+                    } else {
+                        ShiftEdge::End
+                    };
+                    let secs = secs.ok_or_else(|| {
+                        required(
+                            secs_key,
+                            if late {
+                                " (seconds after production starts)"
+                            } else {
+                                " (seconds before production stops)"
+                            },
+                        )
+                    })?;
+                    let offset = shift_offset(secs, &lines, edge, window, &shifts, &site).map_err(
+                        |(on_window, problem)| {
+                            err(key(if on_window { "from" } else { secs_key }), problem)
+                        },
+                    )?;
+                    if late {
+                        FaultEffect::TreatmentLate {
+                            lines,
+                            late: offset,
+                        }
+                    } else {
+                        FaultEffect::TreatmentEarly {
+                            lines,
+                            early: offset,
+                        }
+                    }
+                }
+                raw::FaultKind::LowLoad => {
+                    let facilities = facilities()?;
+                    let fraction = f
+                        .fraction
+                        .ok_or_else(|| required("fraction", " (of rated_kw, e.g. 0.3)"))?;
+                    if !(fraction.is_finite() && fraction > 0.0 && fraction <= 1.5) {
+                        return Err(err(
+                            key("fraction"),
+                            format!("{fraction} is outside (0, 1.5]"),
+                        ));
+                    }
+                    FaultEffect::LowLoad {
+                        facilities,
+                        fraction,
+                    }
+                }
+                raw::FaultKind::EnergyBackwards => {
+                    let meters = meters()?;
+                    let drop_kwh = f
+                        .drop_kwh
+                        .ok_or_else(|| required("drop_kwh", " (kWh the counter loses)"))?;
+                    if !(drop_kwh.is_finite() && drop_kwh > 0.0 && drop_kwh <= MAX_ENERGY_DROP_KWH)
+                    {
+                        return Err(err(
+                            key("drop_kwh"),
+                            format!("{drop_kwh} is outside (0, {MAX_ENERGY_DROP_KWH}]"),
+                        ));
+                    }
+                    FaultEffect::EnergyBackwards { meters, drop_kwh }
                 }
             };
             faults.push(Fault {
@@ -452,6 +558,120 @@ fn reply_delay(
         }
     }
     Ok(Duration::from_millis(ms))
+}
+
+/// Unix ms of a local wall time; a time skipped by a DST change is taken
+/// an hour later, an ambiguous one at its first occurrence.
+pub(crate) fn local_ms(time_zone: Tz, date: NaiveDate, time: NaiveTime) -> Option<i64> {
+    let naive = date.and_time(time);
+    time_zone
+        .from_local_datetime(&naive)
+        .earliest()
+        .or_else(|| {
+            time_zone
+                .from_local_datetime(&(naive + TimeDelta::hours(1)))
+                .earliest()
+        })
+        .map(|t| t.timestamp_millis())
+}
+
+/// Every production start (or end) of `line`'s shifts inside `window`, as
+/// (Unix ms, index into `shifts`), in time order.
+pub(crate) fn shift_edges(
+    shifts: &[Shift],
+    time_zone: Tz,
+    line: &str,
+    window: Window,
+    edge: ShiftEdge,
+) -> Vec<(i64, usize)> {
+    const DAY_MS: i64 = 86_400_000;
+    let local_date = |at_ms: i64| {
+        time_zone
+            .timestamp_millis_opt(at_ms)
+            .single()
+            .map(|t| t.date_naive())
+    };
+    let (Some(first), Some(last)) = (
+        local_date(window.from_ms.saturating_sub(2 * DAY_MS)),
+        local_date(window.until_ms.saturating_add(DAY_MS)),
+    ) else {
+        return Vec::new();
+    };
+    let mut edges = Vec::new();
+    for (index, shift) in shifts.iter().enumerate() {
+        if !shift.lines.iter().any(|l| l == line) {
+            continue;
+        }
+        for date in first.iter_days().take_while(|d| *d <= last) {
+            let at = match edge {
+                ShiftEdge::Start => local_ms(time_zone, date, shift.production_start),
+                ShiftEdge::End if shift.production_end <= shift.production_start => date
+                    .succ_opt()
+                    .and_then(|next| local_ms(time_zone, next, shift.production_end)),
+                ShiftEdge::End => local_ms(time_zone, date, shift.production_end),
+            };
+            if let Some(at) = at.filter(|at| window.contains(*at)) {
+                edges.push((at, index));
+            }
+        }
+    }
+    edges.sort_unstable();
+    edges.dedup();
+    edges
+}
+
+/// The offset of a `treatment_late` (`edge` Start) or `treatment_early`
+/// (End) fault: every line has treatment and a shift edge inside the
+/// window, and `secs` is positive and shorter than each shift it changes.
+/// The error says whether it concerns the window (`true`) or `secs`.
+fn shift_offset(
+    secs: u64,
+    lines: &[String],
+    edge: ShiftEdge,
+    window: Window,
+    shifts: &[Shift],
+    site: &Site,
+) -> Result<Duration, (bool, String)> {
+    let what = match edge {
+        ShiftEdge::Start => "production start",
+        ShiftEdge::End => "production end",
+    };
+    for line in lines {
+        let has_treatment = site
+            .lines
+            .iter()
+            .any(|l| l.id == *line && l.facilities.iter().any(|f| f.role() == Role::Treatment));
+        if !has_treatment {
+            return Err((false, format!("line `{line}` has no treatment facility")));
+        }
+        let edges = shift_edges(shifts, site.time_zone, line, window, edge);
+        if edges.is_empty() {
+            return Err((
+                true,
+                format!("the window from..until contains no {what} of line `{line}`"),
+            ));
+        }
+        if secs == 0 {
+            return Err((false, "0 must be a positive number of seconds".into()));
+        }
+        for (_, index) in edges {
+            let shift = &shifts[index];
+            let length_secs = (shift.production_end - shift.production_start)
+                .num_seconds()
+                .rem_euclid(86_400) as u64;
+            if secs >= length_secs {
+                return Err((
+                    false,
+                    format!(
+                        "{secs} s is not shorter than line `{line}`'s shift {}-{} ({length_secs} s); that is treatment stopped all shift (kind = \"facility_off\")",
+                        shift.production_start.format("%H:%M"),
+                        shift.production_end.format("%H:%M"),
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// Every name in `names` must exist; the list must not be empty.
@@ -573,6 +793,11 @@ mod raw {
         SlowReply,
         LateReply,
         BadCrc,
+        TreatmentLate,
+        TreatmentEarly,
+        LowLoad,
+        FrozenValue,
+        EnergyBackwards,
     }
 
     impl FaultKind {
@@ -584,7 +809,27 @@ mod raw {
                 FaultKind::SlowReply => "slow_reply",
                 FaultKind::LateReply => "late_reply",
                 FaultKind::BadCrc => "bad_crc",
+                FaultKind::TreatmentLate => "treatment_late",
+                FaultKind::TreatmentEarly => "treatment_early",
+                FaultKind::LowLoad => "low_load",
+                FaultKind::FrozenValue => "frozen_value",
+                FaultKind::EnergyBackwards => "energy_backwards",
             }
+        }
+
+        /// Whether `key` (besides kind, from, until) belongs to this kind.
+        pub(super) fn takes(self, key: &str) -> bool {
+            let keys: &[&str] = match self {
+                FaultKind::FacilityOff => &["facilities"],
+                FaultKind::MeterSilent | FaultKind::BadCrc | FaultKind::FrozenValue => &["meters"],
+                FaultKind::ModbusException => &["meters", "code"],
+                FaultKind::SlowReply | FaultKind::LateReply => &["meters", "delay_ms"],
+                FaultKind::TreatmentLate => &["lines", "late_secs"],
+                FaultKind::TreatmentEarly => &["lines", "early_secs"],
+                FaultKind::LowLoad => &["facilities", "fraction"],
+                FaultKind::EnergyBackwards => &["meters", "drop_kwh"],
+            };
+            keys.contains(&key)
         }
     }
 
@@ -596,6 +841,11 @@ mod raw {
         pub(super) meters: Option<Vec<String>>,
         pub(super) code: Option<u8>,
         pub(super) delay_ms: Option<u64>,
+        pub(super) lines: Option<Vec<String>>,
+        pub(super) late_secs: Option<u64>,
+        pub(super) early_secs: Option<u64>,
+        pub(super) fraction: Option<f64>,
+        pub(super) drop_kwh: Option<f64>,
         pub(super) from: toml::Value,
         pub(super) until: toml::Value,
     }
@@ -991,5 +1241,130 @@ pub(crate) mod tests {
         assert_eq!(err.file, path.display().to_string());
         assert_eq!(err.key.as_deref(), Some("site_file"));
         assert!(err.problem.contains("nope.toml: cannot read"), "{err}");
+    }
+
+    #[test]
+    fn plant_fault_kinds_are_parsed_with_their_keys() {
+        let text = with_faults(
+            "kind = \"low_load\"\nfacilities = [\"l1-main-fan\"]\nfraction = 0.3
+            ----
+            kind = \"frozen_value\"\nmeters = [\"l2-stenter\"]
+            ----
+            kind = \"energy_backwards\"\nmeters = [\"l2-stenter\"]\ndrop_kwh = 12.5",
+        ) + "
+[[faults]]
+kind = \"treatment_late\"
+lines = [\"line1\"]
+late_secs = 480
+from = \"2022-12-13T12:00:00+08:00\"
+until = \"2022-12-13T13:00:00+08:00\"
+
+[[faults]]
+kind = \"treatment_early\"
+lines = [\"line2\", \"line1\"]
+early_secs = 60
+from = \"2022-12-13T21:00:00+08:00\"
+until = \"2022-12-13T23:00:00+08:00\"
+";
+        let scenario = Scenario::from_toml(&text, "s.toml", deploy_site()).unwrap();
+        let effects: Vec<&FaultEffect> = scenario.faults[3..].iter().map(|f| &f.effect).collect();
+        assert_eq!(
+            effects,
+            [
+                &FaultEffect::LowLoad {
+                    facilities: vec!["l1-main-fan".into()],
+                    fraction: 0.3
+                },
+                &FaultEffect::FrozenValue {
+                    meters: vec!["l2-stenter".into()]
+                },
+                &FaultEffect::EnergyBackwards {
+                    meters: vec!["l2-stenter".into()],
+                    drop_kwh: 12.5
+                },
+                &FaultEffect::TreatmentLate {
+                    lines: vec!["line1".into()],
+                    late: Duration::from_secs(480)
+                },
+                &FaultEffect::TreatmentEarly {
+                    lines: vec!["line2".into(), "line1".into()],
+                    early: Duration::from_secs(60)
+                },
+            ]
+        );
+        // They change readings, not how a meter answers.
+        assert_eq!(
+            scenario.meter_faults("l2-stenter", demo_ms("16:10:00")),
+            MeterFaults::default()
+        );
+    }
+
+    #[test]
+    fn plant_fault_kinds_refuse_bad_values_naming_the_key() {
+        let error = |fault: &str| error_of(&with_faults(fault));
+        assert_eq!(
+            error("kind = \"treatment_late\"\nlines = [\"line1\"]"),
+            "s.toml: faults[3].late_secs: is required for kind = \"treatment_late\" (seconds after production starts)"
+        );
+        // 16:00-16:20 holds no production start or end.
+        assert_eq!(
+            error("kind = \"treatment_late\"\nlines = [\"line1\"]\nlate_secs = 60"),
+            "s.toml: faults[3].from: the window from..until contains no production start of line `line1`"
+        );
+        assert_eq!(
+            error("kind = \"treatment_early\"\nlines = [\"line2\"]\nearly_secs = 60"),
+            "s.toml: faults[3].from: the window from..until contains no production end of line `line2`"
+        );
+        let morning = |fault: &str| {
+            error_of(&with_faults(fault).replace("T16:00:00+08:00", "T06:00:00+08:00"))
+        };
+        assert_eq!(
+            morning("kind = \"treatment_late\"\nlines = [\"line1\"]\nlate_secs = 16200"),
+            "s.toml: faults[3].late_secs: 16200 s is not shorter than line `line1`'s shift 07:00-11:30 (16200 s); that is treatment stopped all shift (kind = \"facility_off\")"
+        );
+        assert_eq!(
+            morning("kind = \"treatment_late\"\nlines = [\"line1\"]\nlate_secs = 0"),
+            "s.toml: faults[3].late_secs: 0 must be a positive number of seconds"
+        );
+        assert_eq!(
+            morning("kind = \"treatment_late\"\nlines = [\"line7\"]\nlate_secs = 60"),
+            "s.toml: faults[3].lines: line `line7` is not defined in site file `stenter-plant.site.toml`"
+        );
+        assert_eq!(
+            morning("kind = \"treatment_late\"\nlines = [\"line1\"]\nearly_secs = 60"),
+            "s.toml: faults[3].early_secs: does not apply to kind = \"treatment_late\""
+        );
+        assert_eq!(
+            error("kind = \"facility_off\"\nfacilities = [\"l1-main-fan\"]\nlines = [\"line1\"]"),
+            "s.toml: faults[3].lines: does not apply to kind = \"facility_off\""
+        );
+        assert_eq!(
+            error("kind = \"low_load\"\nfacilities = [\"l1-main-fan\"]"),
+            "s.toml: faults[3].fraction: is required for kind = \"low_load\" (of rated_kw, e.g. 0.3)"
+        );
+        assert_eq!(
+            error("kind = \"low_load\"\nfacilities = [\"l1-main-fan\"]\nfraction = 0"),
+            "s.toml: faults[3].fraction: 0 is outside (0, 1.5]"
+        );
+        assert_eq!(
+            error("kind = \"low_load\"\nmeters = [\"l1-main-fan\"]\nfraction = 0.3"),
+            "s.toml: faults[3].meters: does not apply to kind = \"low_load\""
+        );
+        assert_eq!(
+            error("kind = \"frozen_value\"\nmeters = [\"l1-main-fan\"]\nfraction = 0.3"),
+            "s.toml: faults[3].fraction: does not apply to kind = \"frozen_value\""
+        );
+        assert_eq!(
+            error("kind = \"energy_backwards\"\nmeters = [\"l1-main-fan\"]"),
+            "s.toml: faults[3].drop_kwh: is required for kind = \"energy_backwards\" (kWh the counter loses)"
+        );
+        assert_eq!(
+            error("kind = \"energy_backwards\"\nmeters = [\"l1-main-fan\"]\ndrop_kwh = 1000.5"),
+            "s.toml: faults[3].drop_kwh: 1000.5 is outside (0, 1000]"
+        );
+        assert_eq!(
+            error("kind = \"energy_backwards\"\nfacilities = [\"l1-main-fan\"]\ndrop_kwh = 1"),
+            "s.toml: faults[3].facilities: does not apply to kind = \"energy_backwards\""
+        );
     }
 }
