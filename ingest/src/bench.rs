@@ -109,7 +109,7 @@ fn apply_throughput() {
     // The whole path: decode a group, apply it through the applier.
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("ingest.redb")).unwrap());
-    let mut applier = Applier::new(std::slice::from_ref(&site), store.clone()).unwrap();
+    let mut applier = Applier::new(std::slice::from_ref(&site), store.clone(), Vec::new()).unwrap();
     let (mut decode_secs, mut apply_secs, mut groups) = (0.0, 0.0, 0);
     for chunk in payloads.chunks(group_size) {
         let started = Instant::now();

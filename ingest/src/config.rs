@@ -14,7 +14,11 @@
 //!   or neither; the password never appears in `Debug` output or logs;
 //! - the session is persistent (clean_session = false) with an external
 //!   broker, which then queues QoS 1 batches while the ingest is away, and
-//!   clean with the embedded one (rumqttd keeps nothing anyway).
+//!   clean with the embedded one (rumqttd keeps nothing anyway);
+//! - webhook names are unique ids (they key the on-disk outbox), urls are
+//!   http(s) with a host, every duration and `max_queue` is positive and
+//!   `backoff_max_ms >= backoff_initial_ms`; an auth header has a valid name
+//!   and value, and its value never appears in `Debug` output or logs.
 //!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem;
 //! paths in the file are relative to the file.
@@ -22,6 +26,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use facwatch_proto::clock::Clock;
 use facwatch_proto::site::{read_toml, validate_id, ConfigError, Site};
@@ -51,6 +56,85 @@ pub struct Settings {
     /// subscription and queues batches while the ingest is down. `load`
     /// sets it for an external broker; `Settings::new` leaves it off.
     pub mqtt_persistent_session: bool,
+    /// `[notices]`: the historical lag, replay summaries, the silence alert.
+    pub notices: NoticeSettings,
+    /// `[[webhooks]]`: HTTP endpoints every notice is POSTed to.
+    pub webhooks: Vec<WebhookSettings>,
+}
+
+/// When notices are live, summarised or raised (`[notices]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoticeSettings {
+    /// An event change whose data lags wall time by more than this was found
+    /// in a replay: its notices are summarised, not sent one by one.
+    pub historical_lag: Duration,
+    /// A replay's summary goes out after this long without further
+    /// historical events, if no live batch has flushed it before.
+    pub replay_quiet: Duration,
+    /// A gateway that sent no batch for this long raises `gateway_silent`.
+    pub silent_after: Duration,
+}
+
+impl Default for NoticeSettings {
+    fn default() -> NoticeSettings {
+        NoticeSettings {
+            historical_lag: Duration::from_secs(DEFAULT_HISTORICAL_LAG_SECS),
+            replay_quiet: Duration::from_secs(DEFAULT_REPLAY_QUIET_SECS),
+            silent_after: Duration::from_secs(DEFAULT_SILENT_AFTER_SECS),
+        }
+    }
+}
+
+const DEFAULT_HISTORICAL_LAG_SECS: u64 = 15 * 60;
+const DEFAULT_REPLAY_QUIET_SECS: u64 = 60;
+const DEFAULT_SILENT_AFTER_SECS: u64 = 300;
+const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_WEBHOOK_MAX_QUEUE: u64 = 10_000;
+const DEFAULT_BACKOFF_INITIAL_MS: u64 = 1_000;
+const DEFAULT_BACKOFF_MAX_MS: u64 = 300_000;
+
+/// One `[[webhooks]]` entry. `Debug` hides the header value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookSettings {
+    /// Names the webhook's outbox and its log lines and counters.
+    pub name: String,
+    pub url: reqwest::Url,
+    /// Bound on one POST (connect, send, response).
+    pub timeout: Duration,
+    /// An extra header sent with every POST (e.g. `Authorization`).
+    pub header: Option<(String, String)>,
+    /// Notices kept on disk; when full the oldest is dropped.
+    pub max_queue: u64,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl std::fmt::Debug for WebhookSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookSettings")
+            .field("name", &self.name)
+            .field("url", &redacted_url(&self.url))
+            .field("timeout", &self.timeout)
+            .field(
+                "header",
+                &self.header.as_ref().map(|(name, _)| (name, "<redacted>")),
+            )
+            .field("max_queue", &self.max_queue)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
+}
+
+/// `url` without user info, query or fragment (they may carry secrets), for
+/// logs.
+pub(crate) fn redacted_url(url: &reqwest::Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.set_query(None);
+    shown.set_fragment(None);
+    shown.to_string()
 }
 
 /// A username and password for the broker. `Debug` shows the username only.
@@ -109,6 +193,8 @@ impl Settings {
             clock: Clock::real(),
             mqtt_credentials: None,
             mqtt_persistent_session: false,
+            notices: NoticeSettings::default(),
+            webhooks: Vec::new(),
         })
     }
 
@@ -138,6 +224,8 @@ impl Settings {
 
         let (broker, host, port) = broker_of(&raw.broker, file)?;
         let mqtt_credentials = credentials_of(&raw.mqtt, broker, file)?;
+        let notices = notices_of(&raw.notices, file)?;
+        let webhooks = webhooks_of(&raw.webhooks, file)?;
         Ok(Settings {
             sites: sites.into_iter().map(|(_, site)| site).collect(),
             store_path,
@@ -150,6 +238,8 @@ impl Settings {
             clock: Clock::real(),
             mqtt_credentials,
             mqtt_persistent_session: broker == BrokerMode::External,
+            notices,
+            webhooks,
         })
     }
 
@@ -245,6 +335,140 @@ fn credentials_of(
         username: username.clone(),
         password: password.clone(),
     }))
+}
+
+fn positive_secs(
+    value: Option<u64>,
+    default: u64,
+    key: &str,
+    file: &str,
+) -> Result<Duration, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(ConfigError::new(file, key, "must be at least 1")),
+        secs => Ok(Duration::from_secs(secs)),
+    }
+}
+
+fn notices_of(raw: &raw::Notices, file: &str) -> Result<NoticeSettings, ConfigError> {
+    Ok(NoticeSettings {
+        historical_lag: positive_secs(
+            raw.historical_lag_secs,
+            DEFAULT_HISTORICAL_LAG_SECS,
+            "notices.historical_lag_secs",
+            file,
+        )?,
+        replay_quiet: positive_secs(
+            raw.replay_quiet_secs,
+            DEFAULT_REPLAY_QUIET_SECS,
+            "notices.replay_quiet_secs",
+            file,
+        )?,
+        silent_after: positive_secs(
+            raw.silent_after_secs,
+            DEFAULT_SILENT_AFTER_SECS,
+            "notices.silent_after_secs",
+            file,
+        )?,
+    })
+}
+
+fn webhooks_of(raw: &[raw::Webhook], file: &str) -> Result<Vec<WebhookSettings>, ConfigError> {
+    let mut webhooks: Vec<WebhookSettings> = Vec::new();
+    for (i, hook) in raw.iter().enumerate() {
+        let key = |name: &str| format!("webhooks[{i}].{name}");
+        validate_id(&hook.name).map_err(|p| ConfigError::new(file, key("name"), p))?;
+        if webhooks.iter().any(|w| w.name == hook.name) {
+            return Err(ConfigError::new(
+                file,
+                key("name"),
+                format!("webhook name `{}` is already used", hook.name),
+            ));
+        }
+        let url = reqwest::Url::parse(&hook.url)
+            .map_err(|e| ConfigError::new(file, key("url"), format!("is not a URL: {e}")))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+            return Err(ConfigError::new(
+                file,
+                key("url"),
+                "must be an http:// or https:// URL with a host",
+            ));
+        }
+        let header = match (&hook.header_name, &hook.header_value) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    file,
+                    key("header_value"),
+                    "is required when header_name is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    file,
+                    key("header_name"),
+                    "is required when header_value is set",
+                ))
+            }
+            (Some(name), Some(value)) => {
+                if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return Err(ConfigError::new(
+                        file,
+                        key("header_name"),
+                        format!("`{name}` is not a valid HTTP header name"),
+                    ));
+                }
+                if reqwest::header::HeaderValue::from_str(value).is_err() {
+                    // The value is a secret: do not echo it.
+                    return Err(ConfigError::new(
+                        file,
+                        key("header_value"),
+                        "is not a valid HTTP header value (visible ASCII only)",
+                    ));
+                }
+                Some((name.clone(), value.clone()))
+            }
+        };
+        let millis = |value: Option<u64>, default: u64, name: &str| match value.unwrap_or(default) {
+            0 => Err(ConfigError::new(file, key(name), "must be at least 1")),
+            ms => Ok(Duration::from_millis(ms)),
+        };
+        let timeout = millis(hook.timeout_ms, DEFAULT_WEBHOOK_TIMEOUT_MS, "timeout_ms")?;
+        let backoff_initial = millis(
+            hook.backoff_initial_ms,
+            DEFAULT_BACKOFF_INITIAL_MS,
+            "backoff_initial_ms",
+        )?;
+        let backoff_max = millis(
+            hook.backoff_max_ms,
+            DEFAULT_BACKOFF_MAX_MS,
+            "backoff_max_ms",
+        )?;
+        if backoff_max < backoff_initial {
+            return Err(ConfigError::new(
+                file,
+                key("backoff_max_ms"),
+                "must not be less than backoff_initial_ms",
+            ));
+        }
+        let max_queue = hook.max_queue.unwrap_or(DEFAULT_WEBHOOK_MAX_QUEUE);
+        if max_queue == 0 {
+            return Err(ConfigError::new(
+                file,
+                key("max_queue"),
+                "must be at least 1",
+            ));
+        }
+        webhooks.push(WebhookSettings {
+            name: hook.name.clone(),
+            url,
+            timeout,
+            header,
+            max_queue,
+            backoff_initial,
+            backoff_max,
+        });
+    }
+    Ok(webhooks)
 }
 
 /// The address a local client uses to reach a listener bound to `ip`.
@@ -346,6 +570,31 @@ mod raw {
         pub(super) broker: Broker,
         #[serde(default)]
         pub(super) mqtt: Mqtt,
+        #[serde(default)]
+        pub(super) notices: Notices,
+        #[serde(default)]
+        pub(super) webhooks: Vec<Webhook>,
+    }
+
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Notices {
+        pub(super) historical_lag_secs: Option<u64>,
+        pub(super) replay_quiet_secs: Option<u64>,
+        pub(super) silent_after_secs: Option<u64>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Webhook {
+        pub(super) name: String,
+        pub(super) url: String,
+        pub(super) timeout_ms: Option<u64>,
+        pub(super) header_name: Option<String>,
+        pub(super) header_value: Option<String>,
+        pub(super) max_queue: Option<u64>,
+        pub(super) backoff_initial_ms: Option<u64>,
+        pub(super) backoff_max_ms: Option<u64>,
     }
 
     #[derive(Deserialize, Default)]
@@ -645,6 +894,87 @@ host = "127.0.0.1"
         assert_eq!(
             load(&dir).unwrap_err().key.as_deref(),
             Some("mqtt.client_id")
+        );
+    }
+
+    #[test]
+    fn webhooks_and_notice_settings_are_read_and_the_header_value_never_shown() {
+        let config = format!(
+            "{DEFAULT_CONFIG}\n[[webhooks]]\nname = \"ops\"\nurl = \"https://u:pw@alerts.example/hook?token=t\"\nheader_name = \"Authorization\"\nheader_value = \"Bearer s3cret\"\nmax_queue = 5\n"
+        )
+        .replace("silent_after_secs = 300", "silent_after_secs = 60");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let settings = load(&dir).unwrap();
+        assert_eq!(
+            settings.notices,
+            NoticeSettings {
+                historical_lag: Duration::from_secs(900),
+                replay_quiet: Duration::from_secs(60),
+                silent_after: Duration::from_secs(60),
+            }
+        );
+        let hook = &settings.webhooks[0];
+        assert_eq!(
+            (
+                hook.name.as_str(),
+                hook.max_queue,
+                hook.timeout,
+                hook.backoff_max
+            ),
+            ("ops", 5, Duration::from_secs(10), Duration::from_secs(300))
+        );
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("pw@") && !shown.contains("token"),
+            "{shown}"
+        );
+        assert!(shown.contains("https://alerts.example/hook"), "{shown}");
+    }
+
+    #[test]
+    fn bad_webhook_entries_are_named() {
+        for (extra, key, problem) in [
+            (
+                "url = \"ftp://x/\"",
+                "webhooks[0].url",
+                "must be an http:// or https:// URL with a host",
+            ),
+            (
+                "url = \"http://x/\"\nheader_name = \"A\"",
+                "webhooks[0].header_value",
+                "is required when header_name is set",
+            ),
+            (
+                "url = \"http://x/\"\nbackoff_initial_ms = 10\nbackoff_max_ms = 5",
+                "webhooks[0].backoff_max_ms",
+                "must not be less than backoff_initial_ms",
+            ),
+            (
+                "url = \"http://x/\"\nmax_queue = 0",
+                "webhooks[0].max_queue",
+                "must be at least 1",
+            ),
+            (
+                "url = \"http://x/\"\nheader_name = \"A\"\nheader_value = \"s3cret\\n\"",
+                "webhooks[0].header_value",
+                "is not a valid HTTP header value (visible ASCII only)",
+            ),
+        ] {
+            let config = format!("{DEFAULT_CONFIG}\n[[webhooks]]\nname = \"ops\"\n{extra}\n");
+            let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+            let err = load(&dir).unwrap_err();
+            assert_eq!(
+                (err.key.as_deref(), err.problem.as_str()),
+                (Some(key), problem),
+                "{extra}"
+            );
+            assert!(!err.to_string().contains("s3cret"));
+        }
+        let config = DEFAULT_CONFIG.replace("silent_after_secs = 300", "silent_after_secs = 0");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        assert_eq!(
+            load(&dir).unwrap_err().key.as_deref(),
+            Some("notices.silent_after_secs")
         );
     }
 

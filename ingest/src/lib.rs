@@ -3,7 +3,8 @@
 //! events and emits them.
 //!
 //! Stages, one module each: `receive` (MQTT in, dedup, apply),
-//! [`detect`] (pure detector), [`store`] (redb), `emit` (log + MQTT out).
+//! [`detect`] (pure detector), [`store`] (redb), `emit` (log, MQTT and
+//! webhooks out; one sender task per webhook, fed by the store's outbox).
 //! [`broker`] runs the embedded MQTT broker; [`config`] reads `ingest.toml`.
 //!
 //! The delivery invariant (DESIGN.md "Delivery"): a batch's `last_seq`,
@@ -30,8 +31,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use config::{BrokerMode, Credentials, MqttSettings, Settings};
-pub use stats::{Stats, StatsSnapshot};
+pub use config::{
+    BrokerMode, Credentials, MqttSettings, NoticeSettings, Settings, WebhookSettings,
+};
+pub use stats::{Stats, StatsSnapshot, WebhookSnapshot};
 pub use store::{Store, StoreError};
 
 use crate::detect::SnapshotError;
@@ -53,6 +56,11 @@ pub enum IngestError {
     },
     #[error("MQTT connection task failed: {0}")]
     Connection(tokio::task::JoinError),
+    #[error("webhook `{name}`: cannot build the HTTP client: {source}")]
+    WebhookClient {
+        name: String,
+        source: reqwest::Error,
+    },
 }
 
 /// Runs the ingest until `shutdown`: connects to the broker at
@@ -70,12 +78,48 @@ pub async fn run(
         AsyncClient::new(receive::mqtt_options(&settings), receive::REQUEST_QUEUE);
     eventloop.set_network_options(receive::network_options());
     let publisher = Publisher::new(client.clone(), stats.clone());
+    let outbox_limits = settings
+        .webhooks
+        .iter()
+        .map(|w| store::OutboxLimit {
+            webhook: w.name.clone(),
+            max_queue: w.max_queue,
+        })
+        .collect();
+    let outbox_changed = Arc::new(tokio::sync::Notify::new());
+    let mut senders = Vec::new();
+    for webhook in &settings.webhooks {
+        let sender = emit::webhook::Sender::new(webhook.clone()).map_err(|source| {
+            IngestError::WebhookClient {
+                name: webhook.name.clone(),
+                source,
+            }
+        })?;
+        senders.push(sender);
+    }
     let applier = ApplyTask::new(
-        Applier::new(&settings.sites, store)?,
+        Applier::new(&settings.sites, store.clone(), outbox_limits)?,
         publisher,
         stats.clone(),
         settings.clock,
-    );
+        settings.notices,
+        outbox_changed.clone(),
+    )?;
+    // Senders stop on `shutdown` too; `run` waits for them, so the store is
+    // closed when it returns.
+    let senders: Vec<_> = senders
+        .into_iter()
+        .map(|sender| {
+            tokio::spawn(emit::webhook::run(
+                sender,
+                store.clone(),
+                stats.clone(),
+                outbox_changed.clone(),
+                shutdown.clone(),
+            ))
+        })
+        .collect();
+    drop(store);
     info!(
         sites = settings.sites.len(),
         store = %settings.store_path.display(),
@@ -96,9 +140,14 @@ pub async fn run(
     ));
 
     // Returns after `shutdown`, with the group in progress finished. The
-    // applier holds the only other reference to the store, so the database
-    // is closed when it returns.
+    // applier and the senders hold the other references to the store, so
+    // the database is closed when they have returned.
     applier.run(batch_rx, shutdown.clone()).await;
+    for sender in senders {
+        // A sender returns at once on shutdown (a blocking store call at
+        // most finishes first).
+        let _ = sender.await;
+    }
 
     // The connection task is still polling: let it send the last ack and a
     // DISCONNECT, within a bound.

@@ -8,7 +8,9 @@
 //! the store ([`crate::store::Store::counters`]); these reset with the
 //! process.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
@@ -53,6 +55,26 @@ pub struct Stats {
     pub broker_subscriptions: AtomicU64,
     /// Failed connection attempts and lost connections to the broker.
     pub broker_connection_failures: AtomicU64,
+    /// Notices queued for webhooks (one per webhook per notice).
+    pub webhook_queued: AtomicU64,
+    /// Notices a webhook answered with 2xx.
+    pub webhook_sent: AtomicU64,
+    /// POSTs that failed in a way worth retrying (connection, timeout, 429, 5xx).
+    pub webhook_retries: AtomicU64,
+    /// Oldest notices dropped because a webhook's outbox was full.
+    pub webhook_dropped_full: AtomicU64,
+    /// Notices a webhook refused with a 4xx other than 429: dropped.
+    pub webhook_dropped_refused: AtomicU64,
+    /// Event changes found in a replay: summarised, not sent one by one.
+    pub notices_historical: AtomicU64,
+    /// Replay summaries completed.
+    pub replay_summaries: AtomicU64,
+    /// `gateway_silent` alerts raised.
+    pub alerts_raised: AtomicU64,
+    /// `gateway_back`: silent gateways that sent a batch again.
+    pub alerts_cleared: AtomicU64,
+    /// The webhook counters by webhook name.
+    webhooks: Mutex<BTreeMap<String, WebhookSnapshot>>,
     changed: Notify,
 }
 
@@ -76,6 +98,35 @@ pub struct StatsSnapshot {
     pub publishes_dropped: u64,
     pub broker_subscriptions: u64,
     pub broker_connection_failures: u64,
+    pub webhook_queued: u64,
+    pub webhook_sent: u64,
+    pub webhook_retries: u64,
+    pub webhook_dropped_full: u64,
+    pub webhook_dropped_refused: u64,
+    pub notices_historical: u64,
+    pub replay_summaries: u64,
+    pub alerts_raised: u64,
+    pub alerts_cleared: u64,
+}
+
+/// The counters of one webhook (also summed in [`StatsSnapshot`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WebhookSnapshot {
+    pub queued: u64,
+    pub sent: u64,
+    pub retries: u64,
+    pub dropped_full: u64,
+    pub dropped_refused: u64,
+}
+
+/// A per-webhook counter, for [`Stats::add_webhook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WebhookCounter {
+    Queued,
+    Sent,
+    Retries,
+    DroppedFull,
+    DroppedRefused,
 }
 
 impl Stats {
@@ -99,7 +150,54 @@ impl Stats {
             publishes_dropped: get(&self.publishes_dropped),
             broker_subscriptions: get(&self.broker_subscriptions),
             broker_connection_failures: get(&self.broker_connection_failures),
+            webhook_queued: get(&self.webhook_queued),
+            webhook_sent: get(&self.webhook_sent),
+            webhook_retries: get(&self.webhook_retries),
+            webhook_dropped_full: get(&self.webhook_dropped_full),
+            webhook_dropped_refused: get(&self.webhook_dropped_refused),
+            notices_historical: get(&self.notices_historical),
+            replay_summaries: get(&self.replay_summaries),
+            alerts_raised: get(&self.alerts_raised),
+            alerts_cleared: get(&self.alerts_cleared),
         }
+    }
+
+    /// The counters of webhook `name` (zero for one that counted nothing).
+    pub fn webhook(&self, name: &str) -> WebhookSnapshot {
+        self.webhooks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Adds `n` to a counter of webhook `name` and to its total.
+    pub(crate) fn add_webhook(&self, name: &str, counter: WebhookCounter, n: u64) {
+        if n == 0 {
+            return;
+        }
+        {
+            let mut webhooks = self.webhooks.lock().unwrap_or_else(|e| e.into_inner());
+            let entry = webhooks.entry(name.to_string()).or_default();
+            match counter {
+                WebhookCounter::Queued => entry.queued += n,
+                WebhookCounter::Sent => entry.sent += n,
+                WebhookCounter::Retries => entry.retries += n,
+                WebhookCounter::DroppedFull => entry.dropped_full += n,
+                WebhookCounter::DroppedRefused => entry.dropped_refused += n,
+            }
+        }
+        self.add(
+            |s| match counter {
+                WebhookCounter::Queued => &s.webhook_queued,
+                WebhookCounter::Sent => &s.webhook_sent,
+                WebhookCounter::Retries => &s.webhook_retries,
+                WebhookCounter::DroppedFull => &s.webhook_dropped_full,
+                WebhookCounter::DroppedRefused => &s.webhook_dropped_refused,
+            },
+            n,
+        );
     }
 
     /// Waits until `condition` holds for the counters (checked now and after

@@ -11,6 +11,17 @@
 //! task drains, while the connection task may itself wait on the apply task.
 //! A dropped ack costs a resend by the gateway; a dropped event message is
 //! still in the store.
+//!
+//! Human notices are not best effort: [`notice`] decides them, the store
+//! queues them in the commit that makes them true, and [`webhook`] senders
+//! deliver them. On MQTT, every event is published (a historical one with
+//! `"historical": true`); replay summaries and connectivity alerts go to
+//! `facwatch/v1/alerts/{site}` ([`alerts_topic`]). The log gets one INFO
+//! line per live event change, summary and cleared alert, a WARN line per
+//! raised alert, and a DEBUG line per historical event change.
+
+pub(crate) mod notice;
+pub(crate) mod webhook;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +34,13 @@ use tracing::{info, warn};
 use crate::detect::Event;
 use crate::stats::Stats;
 use crate::store::EventChange;
+use notice::{Alert, AlertKind, ReplaySummary};
+
+/// Topic of a site's connectivity alerts and replay summaries (QoS 1, not
+/// retained). Belongs in `facwatch_proto::topics` once proto has it.
+pub(crate) fn alerts_topic(site: &str) -> String {
+    format!("facwatch/v1/alerts/{site}")
+}
 
 /// Longest wait for room in the MQTT client's request queue.
 pub(crate) const PUBLISH_WAIT: Duration = Duration::from_secs(5);
@@ -71,18 +89,34 @@ impl Publisher {
 /// Logs and publishes one changed event of `site`.
 pub(crate) async fn emit(publisher: &Publisher, site: &Site, change: &EventChange) {
     let event: &Event = &change.event;
-    info!(
-        site = %event.site,
-        gateway = %event.gateway,
-        line = %event.line,
-        rule = ?event.rule,
-        status = ?event.status,
-        facilities = ?event.facilities,
-        historical = event.historical,
-        "{}",
-        event.notice_en
-    );
-    let json = event.to_json(site.time_zone);
+    let historical = event.historical || change.historical_notice;
+    if historical {
+        tracing::debug!(
+            site = %event.site,
+            gateway = %event.gateway,
+            line = %event.line,
+            rule = ?event.rule,
+            status = ?event.status,
+            "Historical event (summarised): {}",
+            event.notice_en
+        );
+    } else {
+        info!(
+            site = %event.site,
+            gateway = %event.gateway,
+            line = %event.line,
+            rule = ?event.rule,
+            status = ?event.status,
+            facilities = ?event.facilities,
+            historical,
+            "{}",
+            event.notice_en
+        );
+    }
+    let mut json = event.to_json(site.time_zone);
+    if let Some(fields) = json.as_object_mut() {
+        fields.insert("historical".into(), historical.into());
+    }
     let payload = match serde_json::to_vec(&json) {
         Ok(payload) => payload,
         Err(error) => {
@@ -93,4 +127,44 @@ pub(crate) async fn emit(publisher: &Publisher, site: &Site, change: &EventChang
     publisher
         .publish(topics::events(&site.id), false, payload)
         .await;
+}
+
+/// Logs (INFO) and publishes a completed replay summary.
+pub(crate) async fn emit_summary(publisher: &Publisher, summary: &ReplaySummary) {
+    info!(
+        site = %summary.site,
+        gateway = %summary.gateway,
+        events = summary.total(),
+        by_rule = ?summary.by_rule,
+        "{}",
+        summary.text_en()
+    );
+    publish_json(publisher, &summary.site, &summary.to_json()).await;
+}
+
+/// Logs (WARN when raised, INFO when cleared) and publishes an alert.
+pub(crate) async fn emit_alert(publisher: &Publisher, alert: &Alert) {
+    let json = alert.to_json();
+    let text = json["notice"]["en"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    match alert.kind {
+        AlertKind::GatewaySilent => {
+            warn!(site = %alert.site, gateway = %alert.gateway, kind = alert.kind.as_str(), "{text}")
+        }
+        AlertKind::GatewayBack => {
+            info!(site = %alert.site, gateway = %alert.gateway, kind = alert.kind.as_str(), "{text}")
+        }
+    }
+    publish_json(publisher, &alert.site, &json).await;
+}
+
+async fn publish_json(publisher: &Publisher, site: &str, json: &serde_json::Value) {
+    match serde_json::to_vec(json) {
+        Ok(payload) => {
+            publisher.publish(alerts_topic(site), false, payload).await;
+        }
+        Err(error) => warn!(site, error = %error, "Alert did not serialize."),
+    }
 }

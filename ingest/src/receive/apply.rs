@@ -43,25 +43,41 @@
 //! connection: a gateway with a fresh buffer sends nothing until it has an
 //! ack. These acks only repeat committed state, so the rule "ack only after
 //! commit" holds for them too.
+//!
+//! Notices (see `emit::notice`): the group's transaction also queues the
+//! webhook notices of its event changes and keeps the replay summaries; the
+//! task wakes the webhook senders after the commit. Between messages, a
+//! timer ([`ApplyTask::tick`]) raises `gateway_silent` for a gateway that
+//! sent no batch for `silent_after` (wall time; once, the alert is stored),
+//! and completes a replay summary quiet for `replay_quiet`. Any valid batch
+//! of a silent gateway clears its alert (`gateway_back`) before it is
+//! applied.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use facwatch_proto::clock::Clock;
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_proto::wire::{Ack, Batch};
 use rumqttc::Publish;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::reject::{short_name, RejectLog, RejectReason};
 use super::Inbound;
-use crate::detect::{DataLoss, Event, GatewayDetector, Rule};
+use crate::config::NoticeSettings;
+use crate::detect::{DataLoss, GatewayDetector, Rule};
+use crate::emit::notice::{Alert, AlertKind, ReplaySummary};
 use crate::emit::{self, Publisher};
-use crate::stats::Stats;
-use crate::store::{EventChange, GatewayCommit, GatewayCounters, Store, StoreError};
+use crate::stats::{Stats, WebhookCounter};
+use crate::store::{
+    Committed, GatewayCommit, GatewayCounters, NoticeContext, OutboxLimit, Produced, Queued, Store,
+    StoreError,
+};
 use crate::IngestError;
 
 /// Most batches applied in one store transaction.
@@ -83,6 +99,8 @@ pub(crate) struct Applier {
     order: Vec<String>,
     gateways: HashMap<String, GatewayState>,
     store: Arc<Store>,
+    /// Every webhook's outbox, written with the events.
+    webhooks: Arc<[OutboxLimit]>,
 }
 
 /// One gateway's part of a group: a copy of its state, advanced batch by
@@ -107,13 +125,15 @@ pub(crate) struct Group {
     /// (index in `works`, batch), in arrival order.
     batches: Vec<(usize, Batch)>,
     store: Arc<Store>,
+    webhooks: Arc<[OutboxLimit]>,
 }
 
 /// What applying a group did. `committed` is `Ok` with the changed events
-/// when the transaction committed (or none was needed).
+/// (and queued notices) when the transaction committed (or none was
+/// needed).
 pub(crate) struct GroupOutcome {
     pub(crate) works: Vec<Work>,
-    pub(crate) committed: Result<Vec<EventChange>, StoreError>,
+    pub(crate) committed: Result<Committed, StoreError>,
 }
 
 impl GroupOutcome {
@@ -125,7 +145,11 @@ impl GroupOutcome {
 
 impl Applier {
     /// Restores every gateway's detector and `last_seq` from the store.
-    pub(crate) fn new(sites: &[Site], store: Arc<Store>) -> Result<Applier, IngestError> {
+    pub(crate) fn new(
+        sites: &[Site],
+        store: Arc<Store>,
+        webhooks: Vec<OutboxLimit>,
+    ) -> Result<Applier, IngestError> {
         let mut order = Vec::new();
         let mut gateways = HashMap::new();
         for site in sites {
@@ -157,6 +181,7 @@ impl Applier {
             order,
             gateways,
             store,
+            webhooks: webhooks.into(),
         })
     }
 
@@ -206,6 +231,7 @@ impl Applier {
             works,
             batches: indexed,
             store: self.store.clone(),
+            webhooks: self.webhooks.clone(),
         }
     }
 
@@ -228,7 +254,8 @@ impl Applier {
     /// Prepares, applies and installs a group on the calling thread.
     #[cfg(test)]
     pub(crate) fn apply_now(&mut self, batches: Vec<Batch>, wall_now_ms: i64) -> GroupOutcome {
-        let outcome = self.prepare(batches).apply(wall_now_ms);
+        let lag_ms = NoticeSettings::default().historical_lag.as_millis() as i64;
+        let outcome = self.prepare(batches).apply(wall_now_ms, lag_ms);
         self.install(&outcome);
         outcome
     }
@@ -236,14 +263,17 @@ impl Applier {
 
 impl Group {
     /// Applies the group's batches to the copies and commits the result in
-    /// one transaction. Blocking (detector work and an fsync).
-    pub(crate) fn apply(self, wall_now_ms: i64) -> GroupOutcome {
+    /// one transaction, with the notices of its event changes (an event
+    /// lagging wall time by more than `historical_lag_ms` is historical).
+    /// Blocking (detector work and an fsync).
+    pub(crate) fn apply(self, wall_now_ms: i64, historical_lag_ms: i64) -> GroupOutcome {
         let Group {
             mut works,
             batches,
             store,
+            webhooks,
         } = self;
-        let mut events: Vec<Event> = Vec::new();
+        let mut events: Vec<Produced> = Vec::new();
         for (index, batch) in batches {
             let work = &mut works[index];
             let seq = batch.seq;
@@ -263,7 +293,12 @@ impl Group {
                 samples_dropped: batch.dropped_before,
                 batches_missing,
             };
-            events.extend(work.detector.apply_batch(&batch.samples, loss, wall_now_ms));
+            let produced = work.detector.apply_batch(&batch.samples, loss, wall_now_ms);
+            let data_time_ms = work.detector.newest_sample_ms().unwrap_or(wall_now_ms);
+            events.extend(produced.into_iter().map(|event| Produced {
+                event,
+                data_time_ms,
+            }));
             if !loss.is_none() {
                 work.losses.push((seq, loss));
             }
@@ -283,7 +318,7 @@ impl Group {
             .map(|(i, w)| (i, w.detector.snapshot()))
             .collect();
         let committed = if snapshots.is_empty() {
-            Ok(Vec::new())
+            Ok(Committed::default())
         } else {
             let commits: Vec<GatewayCommit<'_>> = snapshots
                 .iter()
@@ -294,10 +329,17 @@ impl Group {
                         last_seq: work.last_seq.expect("a batch was applied"),
                         detector_snapshot: snapshot,
                         counters: work.counters,
+                        site: &work.site,
+                        newest_sample_ms: work.detector.newest_sample_ms(),
                     }
                 })
                 .collect();
-            store.commit_group(&commits, &events)
+            let notices = NoticeContext {
+                webhooks: &webhooks,
+                wall_now_ms,
+                historical_lag_ms,
+            };
+            store.commit_group(&commits, &events, notices)
         };
         GroupOutcome { works, committed }
     }
@@ -332,22 +374,73 @@ pub(crate) struct ApplyTask {
     stats: Arc<Stats>,
     rejects: RejectLog,
     clock: Clock,
+    notices: NoticeSettings,
+    /// Notified after every commit that queued webhook notices.
+    outbox_changed: Arc<Notify>,
+    /// Per gateway: when its last valid batch arrived, and its raised alert.
+    liveness: HashMap<String, Liveness>,
+    /// Gateways with a pending replay summary: when it last grew.
+    replays: HashMap<String, Instant>,
+}
+
+struct Liveness {
+    last_batch: Instant,
+    /// Clock time of the last batch (or of the start), for `since`.
+    last_batch_ms: i64,
+    /// `since` of the raised `gateway_silent` alert.
+    alert_since_ms: Option<i64>,
 }
 
 impl ApplyTask {
+    /// Reads the raised alerts and pending replay summaries from the store:
+    /// a restart neither raises an alert again nor loses a summary.
     pub(crate) fn new(
         applier: Applier,
         publisher: Publisher,
         stats: Arc<Stats>,
         clock: Clock,
-    ) -> ApplyTask {
-        ApplyTask {
+        notices: NoticeSettings,
+        outbox_changed: Arc<Notify>,
+    ) -> Result<ApplyTask, IngestError> {
+        let now = Instant::now();
+        let now_ms = clock.now_ms();
+        let alerts: HashMap<String, i64> = applier.store.alerts()?.into_iter().collect();
+        let liveness = applier
+            .order
+            .iter()
+            .map(|gateway| {
+                let state = Liveness {
+                    last_batch: now,
+                    last_batch_ms: now_ms,
+                    alert_since_ms: alerts.get(gateway).copied(),
+                };
+                (gateway.clone(), state)
+            })
+            .collect();
+        let replays = applier
+            .store
+            .pending_summaries()?
+            .into_iter()
+            .map(|summary| (summary.gateway, now))
+            .collect();
+        Ok(ApplyTask {
             applier,
             publisher,
             stats,
             rejects: RejectLog::default(),
             clock,
-        }
+            notices,
+            outbox_changed,
+            liveness,
+            replays,
+        })
+    }
+
+    /// How often [`ApplyTask::tick`] runs: a quarter of the shortest of its
+    /// delays, within 50 ms..5 s.
+    fn tick_period(&self) -> Duration {
+        (self.notices.silent_after.min(self.notices.replay_quiet) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 
     /// Applies groups until `shutdown` (the group being applied is
@@ -358,6 +451,8 @@ impl ApplyTask {
         mut inbound: mpsc::Receiver<Inbound>,
         shutdown: CancellationToken,
     ) {
+        let mut ticks = tokio::time::interval(self.tick_period());
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 biased;
@@ -366,6 +461,10 @@ impl ApplyTask {
                     Some(message) => message,
                     None => return,
                 },
+                _ = ticks.tick() => {
+                    self.tick().await;
+                    continue;
+                }
             };
             let mut group = Gathered::default();
             group.add(first);
@@ -386,6 +485,7 @@ impl ApplyTask {
                 .into_iter()
                 .filter_map(|publish| self.validate(publish))
                 .collect();
+            self.heard_from(&batches).await;
             if !batches.is_empty() {
                 self.apply_group(batches).await;
             }
@@ -421,11 +521,165 @@ impl ApplyTask {
         Some(batch)
     }
 
+    /// Notes that `batches` arrived: each of their gateways is alive, and a
+    /// raised alert is cleared (`gateway_back`).
+    async fn heard_from(&mut self, batches: &[Batch]) {
+        let now = Instant::now();
+        let now_ms = self.clock.now_ms();
+        for batch in batches {
+            let Some(state) = self.liveness.get_mut(&batch.gateway) else {
+                continue;
+            };
+            state.last_batch = now;
+            state.last_batch_ms = now_ms;
+            if let Some(since_ms) = state.alert_since_ms {
+                let gateway = batch.gateway.clone();
+                if self
+                    .send_alert(AlertKind::GatewayBack, &gateway, since_ms, now_ms)
+                    .await
+                {
+                    if let Some(state) = self.liveness.get_mut(&gateway) {
+                        state.alert_since_ms = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raises silence alerts and completes quiet replay summaries.
+    pub(crate) async fn tick(&mut self) {
+        let now = Instant::now();
+        let now_ms = self.clock.now_ms();
+        let silent: Vec<(String, i64)> = self
+            .liveness
+            .iter()
+            .filter(|(_, s)| {
+                s.alert_since_ms.is_none()
+                    && now.duration_since(s.last_batch) >= self.notices.silent_after
+            })
+            .map(|(gateway, s)| (gateway.clone(), s.last_batch_ms))
+            .collect();
+        for (gateway, since_ms) in silent {
+            if self
+                .send_alert(AlertKind::GatewaySilent, &gateway, since_ms, now_ms)
+                .await
+            {
+                if let Some(state) = self.liveness.get_mut(&gateway) {
+                    state.alert_since_ms = Some(since_ms);
+                }
+            }
+        }
+
+        let quiet: Vec<String> = self
+            .replays
+            .iter()
+            .filter(|(_, grew)| now.duration_since(**grew) >= self.notices.replay_quiet)
+            .map(|(gateway, _)| gateway.clone())
+            .collect();
+        for gateway in quiet {
+            let store = self.applier.store.clone();
+            let webhooks = self.applier.webhooks.clone();
+            let flushed = {
+                let gateway = gateway.clone();
+                tokio::task::spawn_blocking(move || store.flush_summary(&gateway, &webhooks)).await
+            };
+            match flushed {
+                Ok(Ok(flushed)) => {
+                    self.replays.remove(&gateway);
+                    if let Some((summary, queued)) = flushed {
+                        self.count_queued(&queued);
+                        self.summarised(summary).await;
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(gateway, error = %e, "Replay summary not stored; retrying.");
+                }
+                Err(e) => warn!(gateway, error = %e, "Replay summary task failed; retrying."),
+            }
+        }
+    }
+
+    /// Records the alert (raised with `since_ms`, or cleared) with its
+    /// webhook notice, then logs and publishes it. Returns whether it was
+    /// stored (if not, the next tick or batch tries again).
+    async fn send_alert(
+        &mut self,
+        kind: AlertKind,
+        gateway: &str,
+        since_ms: i64,
+        at_ms: i64,
+    ) -> bool {
+        let Some(site) = self.applier.gateways.get(gateway).map(|g| g.site.clone()) else {
+            return false;
+        };
+        let alert = Alert {
+            kind,
+            site: site.id.clone(),
+            gateway: gateway.to_string(),
+            since_ms,
+            at_ms,
+            time_zone: site.time_zone,
+        };
+        let store = self.applier.store.clone();
+        let webhooks = self.applier.webhooks.clone();
+        let stored = {
+            let gateway = gateway.to_string();
+            let notice = alert.notice();
+            let raised = (kind == AlertKind::GatewaySilent).then_some(since_ms);
+            tokio::task::spawn_blocking(move || {
+                store.set_alert(&gateway, raised, &notice, &webhooks)
+            })
+            .await
+        };
+        match stored {
+            Ok(Ok(queued)) => {
+                self.count_queued(&queued);
+                match kind {
+                    AlertKind::GatewaySilent => self.stats.add(|s| &s.alerts_raised, 1),
+                    AlertKind::GatewayBack => self.stats.add(|s| &s.alerts_cleared, 1),
+                }
+                emit::emit_alert(&self.publisher, &alert).await;
+                true
+            }
+            Ok(Err(e)) => {
+                warn!(site = %site.id, gateway, error = %e, "Connectivity alert not stored.");
+                false
+            }
+            Err(e) => {
+                warn!(site = %site.id, gateway, error = %e, "Connectivity alert task failed.");
+                false
+            }
+        }
+    }
+
+    /// Counts what a commit queued for the webhooks and wakes the senders.
+    fn count_queued(&self, queued: &Queued) {
+        if queued.notices > 0 {
+            for webhook in self.applier.webhooks.iter() {
+                self.stats
+                    .add_webhook(&webhook.webhook, WebhookCounter::Queued, queued.notices);
+            }
+            self.outbox_changed.notify_waiters();
+        }
+        for (webhook, dropped) in &queued.dropped {
+            warn!(webhook = %webhook, dropped, "Webhook outbox full; oldest notices dropped.");
+            self.stats
+                .add_webhook(webhook, WebhookCounter::DroppedFull, *dropped);
+        }
+    }
+
+    async fn summarised(&mut self, summary: ReplaySummary) {
+        self.replays.remove(&summary.gateway);
+        self.stats.add(|s| &s.replay_summaries, 1);
+        emit::emit_summary(&self.publisher, &summary).await;
+    }
+
     async fn apply_group(&mut self, batches: Vec<Batch>) {
         let count = batches.len() as u64;
         let group = self.applier.prepare(batches);
         let now_ms = self.clock.now_ms();
-        let outcome = match tokio::task::spawn_blocking(move || group.apply(now_ms)).await {
+        let lag_ms = self.notices.historical_lag.as_millis() as i64;
+        let outcome = match tokio::task::spawn_blocking(move || group.apply(now_ms, lag_ms)).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 error!(batches = count, error = %e, "Applying a group of batches failed; not acking.");
@@ -438,8 +692,8 @@ impl ApplyTask {
             self.stats
                 .add(|s| &s.batches_out_of_order, work.out_of_order);
         }
-        let changes = match &outcome.committed {
-            Ok(changes) => changes,
+        let committed = match &outcome.committed {
+            Ok(committed) => committed,
             Err(e) => {
                 let sites: Vec<&str> = outcome.works.iter().map(|w| w.site.id.as_str()).collect();
                 let gateways: Vec<&str> =
@@ -450,6 +704,7 @@ impl ApplyTask {
                 return;
             }
         };
+        let changes = &committed.changes;
         self.applier.install(&outcome);
         if outcome.batches_applied() > 0 {
             self.stats.add(|s| &s.groups_committed, 1);
@@ -491,6 +746,13 @@ impl ApplyTask {
         self.stats.add(|s| &s.events_opened, opened);
         self.stats.add(|s| &s.events_closed, closed);
         self.stats.add(|s| &s.data_interruptions, interruptions);
+        let historical = changes.iter().filter(|c| c.historical_notice).count() as u64;
+        self.stats.add(|s| &s.notices_historical, historical);
+        self.count_queued(&committed.queued);
+        let now = Instant::now();
+        for change in changes.iter().filter(|c| c.historical_notice && c.opened) {
+            self.replays.insert(change.event.gateway.clone(), now);
+        }
 
         for work in &outcome.works {
             if let Some(seq) = work.last_seq {
@@ -504,6 +766,9 @@ impl ApplyTask {
                 .find(|w| w.gateway == change.event.gateway)
                 .expect("events come from the group's gateways");
             emit::emit(&self.publisher, &work.site, change).await;
+        }
+        for summary in committed.summaries.clone() {
+            self.summarised(summary).await;
         }
     }
 
@@ -551,7 +816,7 @@ impl ApplyTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::detect::{EventStatus, ALL_LINES};
+    use crate::detect::{Event, EventStatus, ALL_LINES};
     use facwatch_proto::wire::{Quality, Sample, Values};
 
     const TWO_GATEWAYS: &str = r#"
@@ -657,7 +922,10 @@ start_threshold_kw = 4
     fn applier(site_toml: &str, dir: &tempfile::TempDir) -> (Applier, Arc<Store>) {
         let site = Site::from_toml(site_toml, "test.site.toml").unwrap();
         let store = Arc::new(Store::open(&dir.path().join("ingest.redb")).unwrap());
-        (Applier::new(&[site], store.clone()).unwrap(), store)
+        (
+            Applier::new(&[site], store.clone(), Vec::new()).unwrap(),
+            store,
+        )
     }
 
     fn acks(applier: &Applier) -> Vec<(&str, u64)> {
@@ -682,7 +950,7 @@ start_threshold_kw = 4
             batch("gw-b", 1, 0), // duplicate
         ];
         let outcome = applier.apply_now(group, 0);
-        assert_eq!(outcome.committed.as_ref().unwrap(), &vec![]);
+        assert_eq!(outcome.committed.as_ref().unwrap().changes, vec![]);
         let summary: Vec<_> = outcome
             .works
             .iter()
@@ -825,7 +1093,7 @@ start_threshold_kw = 4
         assert!(failed.committed.is_err());
         assert_eq!(store.events().unwrap(), vec![]);
         let outcome = applier.apply_now(vec![after_loss], half_past_eleven + MINUTE_MS);
-        let changes = outcome.committed.unwrap();
+        let changes = outcome.committed.unwrap().changes;
         assert_eq!(changes.len(), 1);
         assert!(changes[0].opened && changes[0].closed);
 
