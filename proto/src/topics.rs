@@ -8,6 +8,7 @@
 //! | `facwatch/v1/{gw}/ack`       | ingest -> gateway  | 1   | yes      |
 //! | `facwatch/v1/{gw}/status`    | gateway            | 1   | yes, LWT |
 //! | `facwatch/v1/events/{site}`  | ingest -> platform | 1   | no       |
+//! | `facwatch/v1/alerts/{site}`  | ingest -> platform | 1   | no       |
 
 const PREFIX: &str = "facwatch/v1/";
 
@@ -33,10 +34,17 @@ pub fn events(site: &str) -> String {
     format!("{PREFIX}events/{site}")
 }
 
+/// Connectivity alerts of a site (a gateway silent, and back), apart from
+/// its events.
+pub fn alerts(site: &str) -> String {
+    format!("{PREFIX}alerts/{site}")
+}
+
 /// The gateway id of a batch topic, or `None` if `topic` is not one.
 pub fn gateway_of_batch_topic(topic: &str) -> Option<&str> {
     let gateway = topic.strip_prefix(PREFIX)?.strip_suffix("/batch")?;
-    (!gateway.is_empty() && !gateway.contains('/') && gateway != "events").then_some(gateway)
+    (!gateway.is_empty() && !gateway.contains('/') && gateway != "events" && gateway != "alerts")
+        .then_some(gateway)
 }
 
 #[cfg(test)]
@@ -49,6 +57,7 @@ mod tests {
         assert_eq!(ack("gw-01"), "facwatch/v1/gw-01/ack");
         assert_eq!(status("gw-01"), "facwatch/v1/gw-01/status");
         assert_eq!(events("plant"), "facwatch/v1/events/plant");
+        assert_eq!(alerts("plant"), "facwatch/v1/alerts/plant");
     }
 
     #[test]
@@ -58,5 +67,6 @@ mod tests {
         assert_eq!(gateway_of_batch_topic("facwatch/v1//batch"), None);
         assert_eq!(gateway_of_batch_topic("facwatch/v1/a/b/batch"), None);
         assert_eq!(gateway_of_batch_topic("other/v1/gw/batch"), None);
+        assert_eq!(gateway_of_batch_topic("facwatch/v1/alerts/batch"), None);
     }
 }

@@ -16,7 +16,7 @@
 //! queues them in the commit that makes them true, and [`webhook`] senders
 //! deliver them. On MQTT, every event is published (a historical one with
 //! `"historical": true`); replay summaries and connectivity alerts go to
-//! `facwatch/v1/alerts/{site}` ([`alerts_topic`]). The log gets one INFO
+//! `facwatch/v1/alerts/{site}` ([`topics::alerts`]). The log gets one INFO
 //! line per live event change, summary and cleared alert, a WARN line per
 //! raised alert, and a DEBUG line per historical event change.
 
@@ -35,12 +35,6 @@ use crate::detect::Event;
 use crate::stats::Stats;
 use crate::store::EventChange;
 use notice::{Alert, AlertKind, ReplaySummary};
-
-/// Topic of a site's connectivity alerts and replay summaries (QoS 1, not
-/// retained). Belongs in `facwatch_proto::topics` once proto has it.
-pub(crate) fn alerts_topic(site: &str) -> String {
-    format!("facwatch/v1/alerts/{site}")
-}
 
 /// Longest wait for room in the MQTT client's request queue.
 pub(crate) const PUBLISH_WAIT: Duration = Duration::from_secs(5);
@@ -163,7 +157,9 @@ pub(crate) async fn emit_alert(publisher: &Publisher, alert: &Alert) {
 async fn publish_json(publisher: &Publisher, site: &str, json: &serde_json::Value) {
     match serde_json::to_vec(json) {
         Ok(payload) => {
-            publisher.publish(alerts_topic(site), false, payload).await;
+            publisher
+                .publish(topics::alerts(site), false, payload)
+                .await;
         }
         Err(error) => warn!(site, error = %error, "Alert did not serialize."),
     }
