@@ -32,6 +32,13 @@ const SITE: &str = r#"
 id = "plant"
 time_zone = "Asia/Shanghai"
 
+# The samples here are minutes to hours apart: the data-time gaps between
+# them would be R5 interruptions of their own. This test is about the
+# notices of the delivery layer's R5, so data-time gaps are judged only
+# after a very long silence.
+[rules.r5]
+gap_polls = 1000000
+
 [[gateways]]
 id = "gw-a"
 

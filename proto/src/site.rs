@@ -22,8 +22,13 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod meter;
+mod rules;
 
 pub use meter::{Meter, SerialLine, Transport};
+pub use rules::{
+    FacilityRules, Maintenance, R1Settings, R2Settings, R3Settings, R4Settings, R5Settings,
+    R7Settings, Restriction, Rules,
+};
 
 /// A configuration file that could not be used. Displays as
 /// `FILE: KEY: PROBLEM` (or `FILE: PROBLEM` when no key applies).
@@ -173,7 +178,12 @@ pub struct Site {
     pub gateways: Vec<Gateway>,
     pub meters: Vec<Meter>,
     pub lines: Vec<Line>,
+    /// Site-level rule settings; each line has its own resolved copy.
     pub rules: Rules,
+    /// Declared restriction windows (R6), in file order.
+    pub restrictions: Vec<Restriction>,
+    /// Declared maintenance windows, in file order.
+    pub maintenance: Vec<Maintenance>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -191,6 +201,8 @@ pub struct Line {
     pub id: String,
     pub name: String,
     pub facilities: Vec<Facility>,
+    /// The site's rule settings with this line's overrides.
+    pub rules: Rules,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,30 +218,14 @@ pub struct Facility {
     pub stop_threshold_kw: f64,
     /// For treatment: whether its stop alone makes an R1 violation.
     pub critical: bool,
+    /// Rule settings about this facility (R4 fractions, R7 duration).
+    pub rules: FacilityRules,
 }
 
 impl Facility {
     pub fn role(&self) -> Role {
         self.kind.role()
     }
-}
-
-/// Rule settings of a site; see DOMAIN.md for their meaning.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rules {
-    pub r1: R1Settings,
-    /// Consecutive samples beyond a threshold before a facility changes
-    /// state (debounce).
-    pub debounce_samples: u32,
-    /// A facility with no valid sample for this many poll intervals is
-    /// unknown (never stopped).
-    pub stale_after_polls: u32,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct R1Settings {
-    pub min_duration: Duration,
-    pub clear_duration: Duration,
 }
 
 impl Site {
@@ -360,6 +356,7 @@ impl Site {
             meters.push(meter);
         }
 
+        let site_rules = Rules::defaults().overridden(&raw.rules, "rules", file)?;
         let mut lines = Vec::new();
         let mut line_ids = HashSet::new();
         let mut facility_ids = HashSet::new();
@@ -370,6 +367,10 @@ impl Site {
             if !line_ids.insert(l.id.clone()) {
                 return Err(err(key("id"), format!("duplicate line id `{}`", l.id)));
             }
+            let line_rules = match &l.rules {
+                Some(r) => site_rules.overridden(r, &key("rules"), file)?,
+                None => site_rules.clone(),
+            };
             let mut facilities = Vec::new();
             let mut line_gateway: Option<&str> = None;
             for (j, f) in l.facilities.iter().enumerate() {
@@ -432,6 +433,7 @@ impl Site {
                     start_threshold_kw: start,
                     stop_threshold_kw: stop,
                     critical: f.critical.unwrap_or(true),
+                    rules: line_rules.for_facility(f.rules.as_ref(), &key("rules"), file)?,
                 });
             }
             for role in [Role::Production, Role::Treatment] {
@@ -447,6 +449,7 @@ impl Site {
                 id: l.id.clone(),
                 name: l.name.clone().unwrap_or_else(|| l.id.clone()),
                 facilities,
+                rules: line_rules,
             });
         }
         if lines.is_empty() {
@@ -457,31 +460,61 @@ impl Site {
             ));
         }
 
-        let r1 = &raw.rules.r1;
-        let rules = Rules {
-            r1: R1Settings {
-                min_duration: positive_secs(
-                    r1.min_duration_secs,
-                    "rules.r1.min_duration_secs",
-                    file,
-                )?,
-                clear_duration: positive_secs(
-                    r1.clear_duration_secs,
-                    "rules.r1.clear_duration_secs",
-                    file,
-                )?,
-            },
-            debounce_samples: positive(
-                raw.rules.debounce_samples.into(),
-                "rules.debounce_samples",
-                file,
-            )? as u32,
-            stale_after_polls: positive(
-                raw.rules.stale_after_polls.into(),
-                "rules.stale_after_polls",
-                file,
-            )? as u32,
-        };
+        let restrictions = raw
+            .restrictions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let key = |k: &str| format!("restrictions[{i}].{k}");
+                let (from_ms, until_ms) = window(&r.from, &r.until, &key, file)?;
+                if r.lines.is_empty() {
+                    return Err(err(key("lines"), "name at least one line".into()));
+                }
+                for (j, line) in r.lines.iter().enumerate() {
+                    if !lines.iter().any(|l| l.id == *line) {
+                        return Err(err(
+                            format!("restrictions[{i}].lines[{j}]"),
+                            format!("line `{line}` is not defined in [[lines]]"),
+                        ));
+                    }
+                }
+                Ok(Restriction {
+                    lines: r.lines.clone(),
+                    from_ms,
+                    until_ms,
+                    reason: r.reason.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let maintenance = raw
+            .maintenance
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let key = |k: &str| format!("maintenance[{i}].{k}");
+                let (from_ms, until_ms) = window(&m.from, &m.until, &key, file)?;
+                if m.facilities.is_empty() {
+                    return Err(err(key("facilities"), "name at least one facility".into()));
+                }
+                for (j, facility) in m.facilities.iter().enumerate() {
+                    if !lines
+                        .iter()
+                        .any(|l| l.facilities.iter().any(|f| f.id == *facility))
+                    {
+                        return Err(err(
+                            format!("maintenance[{i}].facilities[{j}]"),
+                            format!("facility `{facility}` is not defined in [[lines.facilities]]"),
+                        ));
+                    }
+                }
+                Ok(Maintenance {
+                    facilities: m.facilities.clone(),
+                    from_ms,
+                    until_ms,
+                    reason: m.reason.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
 
         Ok(Site {
             id: raw.site.id,
@@ -490,9 +523,30 @@ impl Site {
             gateways,
             meters,
             lines,
-            rules,
+            rules: site_rules,
+            restrictions,
+            maintenance,
         })
     }
+}
+
+/// `[from, until)` of a declared window, ms UTC; `from` before `until`.
+fn window(
+    from: &str,
+    until: &str,
+    key: &dyn Fn(&str) -> String,
+    file: &str,
+) -> Result<(i64, i64), ConfigError> {
+    let from_ms = rules::rfc3339_ms(from, &key("from"), file)?;
+    let until_ms = rules::rfc3339_ms(until, &key("until"), file)?;
+    if until_ms <= from_ms {
+        return Err(ConfigError::new(
+            file,
+            key("until"),
+            format!("`{until}` must be later than from (`{from}`)"),
+        ));
+    }
+    Ok((from_ms, until_ms))
 }
 
 fn positive(value: u64, key: &str, file: &str) -> Result<u64, ConfigError> {
@@ -522,7 +576,11 @@ mod raw {
         #[serde(default)]
         pub(super) lines: Vec<LineSection>,
         #[serde(default)]
-        pub(super) rules: RulesSection,
+        pub(super) rules: super::rules::raw::RulesSection,
+        #[serde(default)]
+        pub(super) restrictions: Vec<super::rules::raw::RestrictionSection>,
+        #[serde(default)]
+        pub(super) maintenance: Vec<super::rules::raw::MaintenanceSection>,
     }
 
     #[derive(Deserialize)]
@@ -567,6 +625,7 @@ mod raw {
         pub(super) name: Option<String>,
         #[serde(default)]
         pub(super) facilities: Vec<FacilitySection>,
+        pub(super) rules: Option<super::rules::raw::RulesSection>,
     }
 
     #[derive(Deserialize)]
@@ -580,59 +639,7 @@ mod raw {
         pub(super) start_threshold_kw: f64,
         pub(super) stop_threshold_kw: Option<f64>,
         pub(super) critical: Option<bool>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct RulesSection {
-        #[serde(default)]
-        pub(super) r1: R1Section,
-        #[serde(default = "default_debounce_samples")]
-        pub(super) debounce_samples: u32,
-        #[serde(default = "default_stale_after_polls")]
-        pub(super) stale_after_polls: u32,
-    }
-
-    impl Default for RulesSection {
-        fn default() -> Self {
-            RulesSection {
-                r1: R1Section::default(),
-                debounce_samples: default_debounce_samples(),
-                stale_after_polls: default_stale_after_polls(),
-            }
-        }
-    }
-
-    fn default_debounce_samples() -> u32 {
-        2
-    }
-    fn default_stale_after_polls() -> u32 {
-        3
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    pub(super) struct R1Section {
-        #[serde(default = "default_r1_min_duration_secs")]
-        pub(super) min_duration_secs: u64,
-        #[serde(default = "default_r1_clear_duration_secs")]
-        pub(super) clear_duration_secs: u64,
-    }
-
-    impl Default for R1Section {
-        fn default() -> Self {
-            R1Section {
-                min_duration_secs: default_r1_min_duration_secs(),
-                clear_duration_secs: default_r1_clear_duration_secs(),
-            }
-        }
-    }
-
-    fn default_r1_min_duration_secs() -> u64 {
-        600
-    }
-    fn default_r1_clear_duration_secs() -> u64 {
-        120
+        pub(super) rules: Option<super::rules::raw::FacilityRulesSection>,
     }
 }
 

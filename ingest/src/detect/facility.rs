@@ -16,6 +16,9 @@ pub enum State {
     Unknown,
     Running,
     Stopped,
+    /// Running but below its low-load fraction of rated (R4). Only shown
+    /// by status displays; the hysteresis knows running and stopped.
+    LowLoad,
 }
 
 /// Thresholds and timing of one facility, from the site file.

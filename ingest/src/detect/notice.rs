@@ -75,7 +75,27 @@ pub(super) fn render(
             "treatment equipment stopped while production ran",
             "生产设施运行期间治污设施停运",
         ),
-        Rule::R5 => ("data interruption", "工况数据缺失"),
+        Rule::R2 => (
+            "treatment equipment started late after production started",
+            "治污设施晚于生产设施开启",
+        ),
+        Rule::R3 => (
+            "treatment equipment stopped before production stopped",
+            "治污设施先于生产设施停运",
+        ),
+        Rule::R4 => (
+            "treatment equipment ran at low load while production ran",
+            "生产设施运行期间治污设施低负荷运行",
+        ),
+        Rule::R5 => ("meter data missing", "工况数据缺失"),
+        Rule::R6 => (
+            "production ran during a declared restriction",
+            "停限产期间生产设施运行",
+        ),
+        Rule::R7 => (
+            "frozen or implausible meter values",
+            "工况数据恒值或异常跳变",
+        ),
     };
     let site_name = site_name(site);
     let en = if closed {
@@ -151,6 +171,31 @@ pub(super) fn render_data_loss(
         zh: format!(
             "{site_name}：工况数据缺失。网关{gateway}缓存已满，{start}至{end}期间丢弃{readings}条读数{missing_zh}，无法补传。"
         ),
+    }
+}
+
+/// The notice of a whole-gateway data interruption seen in data time, from
+/// `start_ms` (the last valid sample) to `until_ms`.
+pub(super) fn render_gateway_gap(
+    site: &Site,
+    gateway: &str,
+    start_ms: i64,
+    until_ms: i64,
+    closed: bool,
+) -> Notice {
+    let site_name = site_name(site);
+    let start = local(start_ms, site.time_zone).format("%Y-%m-%d %H:%M");
+    let minutes = ((until_ms - start_ms) as f64 / 60_000.0).round() as i64;
+    if closed {
+        Notice {
+            en: format!("{site_name}: data interruption. Gateway {gateway} delivered no valid reading from {start} for {minutes} minutes. Please check the gateway and meters."),
+            zh: format!("{site_name}：工况数据缺失。网关{gateway}自{start}起{minutes}分钟无有效数据，请检查网关及电表。"),
+        }
+    } else {
+        Notice {
+            en: format!("{site_name}: data interruption. Gateway {gateway} has delivered no valid reading since {start} ({minutes} minutes so far). Please check the gateway and meters."),
+            zh: format!("{site_name}：工况数据缺失。网关{gateway}自{start}起无有效数据，已持续{minutes}分钟，请检查网关及电表。"),
+        }
     }
 }
 

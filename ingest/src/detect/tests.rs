@@ -1,6 +1,7 @@
 //! Detector tables: a plant history in, the exact events out.
 
 use super::*;
+use facility::FacilityState;
 use facwatch_proto::wire::{Quality, Values};
 
 const SITE: &str = r#"
@@ -144,14 +145,19 @@ fn history(from: i64, to: i64, plant: impl Fn(&str, i64) -> Reading) -> Vec<Samp
     samples
 }
 
-fn normal(meter: &str) -> Reading {
-    Reading::Kw(match meter {
-        "m-stenter" => 110.0,
-        "m-pump" => 5.0,
-        "m-condenser" => 6.4,
-        "m-esp" => 4.0,
-        _ => 17.6,
-    })
+/// Normal draw, with a little noise so no value stays frozen (R7).
+fn normal_at(meter: &str, t: i64) -> Reading {
+    let noise = ((t / POLL_MS) % 5) as f32 * 0.01;
+    Reading::Kw(
+        noise
+            + match meter {
+                "m-stenter" => 110.0,
+                "m-pump" => 5.0,
+                "m-condenser" => 6.4,
+                "m-esp" => 4.0,
+                _ => 17.6,
+            },
+    )
 }
 
 /// The seed incident: condenser, ESP and fan off from 14:03 to 14:30.
@@ -160,14 +166,15 @@ fn incident(meter: &str, t: i64) -> Reading {
     if down && t >= hm(14, 3) && t < hm(14, 30) {
         Reading::Kw(0.0)
     } else {
-        normal(meter)
+        normal_at(meter, t)
     }
 }
 
+/// Closed R1 events (the gap tests also raise R5 for the silent meter).
 fn closed(events: &[Event]) -> Vec<&Event> {
     events
         .iter()
-        .filter(|e| e.status == EventStatus::Closed)
+        .filter(|e| e.status == EventStatus::Closed && e.rule == Rule::R1)
         .collect()
 }
 
@@ -227,7 +234,7 @@ fn fan_stops_for(stopped_polls: i64) -> impl Fn(&str, i64) -> Reading {
         if meter == "m-fan" && t >= stop && t < stop + stopped_polls * POLL_MS {
             Reading::Kw(0.0)
         } else {
-            normal(meter)
+            normal_at(meter, t)
         }
     }
 }
@@ -255,23 +262,43 @@ fn silent_meter_is_unknown_never_stopped() {
         if meter == "m-fan" && t >= hm(14, 0) && t < hm(15, 0) {
             Reading::Timeout
         } else {
-            normal(meter)
+            normal_at(meter, t)
         }
     };
-    assert_eq!(run_all(&history(hm(13, 0), hm(16, 0), plant)), vec![]);
+    let events = run_all(&history(hm(13, 0), hm(16, 0), plant));
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| (e.rule, e.status, e.start_ms, e.end_ms, e.facilities.clone()))
+        .collect();
+    // Only R5 for the silent meter: from its last reading (13:59:30) to
+    // its next one (15:00).
+    assert_eq!(
+        summary,
+        vec![(
+            Rule::R5,
+            EventStatus::Closed,
+            hm(13, 59) + 30_040,
+            Some(hm(15, 0) + 40),
+            vec!["fan".to_string()]
+        )]
+    );
+    assert_eq!(
+        events[0].id,
+        event_id("plant", "line1/fan", Rule::R5, hm(13, 59) + 30_040)
+    );
 }
 
 #[test]
 fn non_critical_facility_alone_raises_nothing_but_is_listed_with_a_critical_one() {
     let pump_only = |meter: &str, t: i64| match meter {
         "m-pump" if t >= hm(14, 0) => Reading::Kw(0.0),
-        _ => normal(meter),
+        _ => normal_at(meter, t),
     };
     assert_eq!(run_all(&history(hm(13, 0), hm(16, 0), pump_only)), vec![]);
 
     let pump_and_fan = |meter: &str, t: i64| match meter {
         "m-pump" | "m-fan" if t >= hm(14, 0) && t < hm(14, 30) => Reading::Kw(0.0),
-        _ => normal(meter),
+        _ => normal_at(meter, t),
     };
     let events = run_all(&history(hm(13, 0), hm(16, 0), pump_and_fan));
     assert_eq!(closed(&events)[0].facilities, ["fan", "pump"]);
@@ -280,7 +307,7 @@ fn non_critical_facility_alone_raises_nothing_but_is_listed_with_a_critical_one(
 #[test]
 fn treatment_stopped_while_production_is_stopped_is_no_violation() {
     let night = |meter: &str, _t: i64| match meter {
-        "m-stenter" => Reading::Kw(8.0),
+        "m-stenter" => Reading::Kw(8.0 + ((_t / POLL_MS) % 3) as f32 * 0.1),
         _ => Reading::Kw(0.0),
     };
     assert_eq!(run_all(&history(hm(0, 0), hm(6, 0), night)), vec![]);
@@ -385,22 +412,59 @@ fn a_long_gap_in_an_open_interval_ends_it_when_it_was_last_known() {
     assert_eq!(closed[0].end_ms, Some(hm(14, 19) + 30_000 + 90_000));
 }
 
+/// Version 3's line state (R1 only), built from a current one.
+#[derive(Serialize)]
+struct LineV3<'a> {
+    line: &'a str,
+    clock_ms: Option<i64>,
+    facilities: &'a [(String, FacilityState)],
+    r1_holds: bool,
+    r1_unknown_since: Option<i64>,
+    r1: &'a Phase,
+}
+
+fn as_v3(lines: &[LineState]) -> Vec<LineV3<'_>> {
+    lines
+        .iter()
+        .map(|l| LineV3 {
+            line: &l.line,
+            clock_ms: l.clock_ms,
+            facilities: &l.facilities,
+            r1_holds: l.r1.holds,
+            r1_unknown_since: l.r1.unknown_since,
+            r1: &l.r1.phase,
+        })
+        .collect()
+}
+
+/// (rule, status, start, end, facilities): what survives an old snapshot
+/// (evidence gathered before the restart is not in it).
+type Outline = (Rule, EventStatus, i64, Option<i64>, Vec<String>);
+
+fn outline(events: &[Event]) -> Vec<Outline> {
+    events
+        .iter()
+        .map(|e| (e.rule, e.status, e.start_ms, e.end_ms, e.facilities.clone()))
+        .collect()
+}
+
 #[test]
-fn snapshots_of_version_2_restore_with_the_newest_sample_from_the_line_clocks() {
+fn snapshots_of_versions_2_and_3_restore_and_continue_r1() {
     let samples = history(hm(12, 0), hm(16, 0), incident);
     let (before, after) = samples.split_at(samples.len() / 2);
     let mut detector = GatewayDetector::new(site(), "gw");
     detector.apply(before, 0);
-    let version_2 = encode_versioned(SNAPSHOT_VERSION_2, &detector.lines);
-    let restored = GatewayDetector::restore(site(), "gw", &version_2).unwrap();
-    assert_eq!(restored.newest_sample_ms(), detector.newest_sample_ms());
-    assert_eq!(restored.snapshot(), detector.snapshot());
-    assert_eq!(
-        GatewayDetector::restore(site(), "gw", &version_2)
-            .unwrap()
-            .apply(after, 0),
-        detector.apply(after, 0)
+    let version_2 = encode_versioned(SNAPSHOT_VERSION_2, &as_v3(&detector.lines));
+    let version_3 = encode_versioned(
+        SNAPSHOT_VERSION_3,
+        &(detector.newest_sample_ms, as_v3(&detector.lines)),
     );
+    let expected = outline(&detector.clone().apply(after, 0));
+    for old in [version_2, version_3] {
+        let mut restored = GatewayDetector::restore(site(), "gw", &old).unwrap();
+        assert_eq!(restored.newest_sample_ms(), detector.newest_sample_ms());
+        assert_eq!(outline(&restored.apply(after, 0)), expected);
+    }
 }
 
 #[test]
@@ -439,7 +503,11 @@ fn events_stored_as_version_1_still_decode() {
             notice_zh: &event.notice_zh,
         },
     );
-    assert_eq!(Event::decode(&old).unwrap(), event);
+    let without_evidence = Event {
+        evidence: BTreeMap::new(),
+        ..event.clone()
+    };
+    assert_eq!(Event::decode(&old).unwrap(), without_evidence);
     assert_ne!(old, event.encode());
 }
 
@@ -448,13 +516,14 @@ fn rules_are_stored_by_their_number() {
     assert_eq!(postcard::to_allocvec(&Rule::R1).unwrap(), vec![1]);
     assert_eq!(postcard::to_allocvec(&Rule::R5).unwrap(), vec![5]);
     assert_eq!(postcard::from_bytes::<Rule>(&[5]).unwrap(), Rule::R5);
-    assert!(postcard::from_bytes::<Rule>(&[2]).is_err());
+    assert_eq!(postcard::from_bytes::<Rule>(&[7]).unwrap(), Rule::R7);
+    assert!(postcard::from_bytes::<Rule>(&[8]).is_err());
 }
 
 #[test]
 fn data_loss_before_any_sample_spans_nothing_and_starts_at_the_batch() {
     let mut detector = GatewayDetector::new(site(), "gw");
-    let samples = history(hm(12, 0), hm(12, 5), |m, _| normal(m));
+    let samples = history(hm(12, 0), hm(12, 5), normal_at);
     let loss = DataLoss {
         samples_dropped: 1,
         batches_missing: 0,
@@ -475,4 +544,126 @@ fn data_loss_before_any_sample_spans_nothing_and_starts_at_the_batch() {
     // Without any sample at all, the event is anchored at 0.
     let empty = GatewayDetector::new(site(), "gw").data_interruption(loss, None, 0);
     assert_eq!((empty.start_ms, empty.end_ms), (0, Some(0)));
+}
+
+/// The stenter runs from 08:00; the fan starts `late_polls` polls later
+/// (the other treatment runs all along).
+fn fan_starts_late(late_polls: i64) -> impl Fn(&str, i64) -> Reading {
+    move |meter, t| match meter {
+        "m-stenter" if t < hm(8, 0) => Reading::Kw(5.0 + ((t / POLL_MS) % 3) as f32 * 0.1),
+        "m-fan" if t < hm(8, 0) + late_polls * POLL_MS => Reading::Kw(0.0),
+        _ => normal_at(meter, t),
+    }
+}
+
+#[test]
+fn treatment_started_late_is_r2_from_production_start_to_treatment_start() {
+    // 14 polls = 7 minutes late: more than 5, less than R1's 10.
+    let events = run_all(&history(hm(7, 0), hm(9, 0), fan_starts_late(14)));
+    assert_eq!(
+        outline(&events),
+        vec![(
+            Rule::R2,
+            EventStatus::Closed,
+            hm(8, 0),
+            Some(hm(8, 7) + 40),
+            vec!["fan".to_string()]
+        )]
+    );
+    assert_eq!(events[0].id, event_id("plant", "line1", Rule::R2, hm(8, 0)));
+    assert!(
+        events[0].notice_en.contains("started late"),
+        "{}",
+        events[0].notice_en
+    );
+    assert!(events[0].evidence.contains_key("stenter"));
+    // 4.5 minutes late: nothing.
+    assert_eq!(
+        run_all(&history(hm(7, 0), hm(9, 0), fan_starts_late(9))),
+        vec![]
+    );
+    // 12 minutes late: R1 owns it, no R2.
+    let rules: Vec<Rule> = run_all(&history(hm(7, 0), hm(9, 0), fan_starts_late(24)))
+        .iter()
+        .map(|e| e.rule)
+        .collect();
+    assert_eq!(rules, vec![Rule::R1]);
+}
+
+/// The fan stops at 17:00; the stenter stops `after_polls` polls later.
+fn production_stops_after(after_polls: i64) -> impl Fn(&str, i64) -> Reading {
+    move |meter, t| match meter {
+        "m-fan" if t >= hm(17, 0) => Reading::Kw(0.0),
+        "m-stenter" if t >= hm(17, 0) + after_polls * POLL_MS => {
+            Reading::Kw(5.0 + ((t / POLL_MS) % 3) as f32 * 0.1)
+        }
+        _ => normal_at(meter, t),
+    }
+}
+
+#[test]
+fn production_running_on_after_treatment_stopped_is_r3_short_of_r1() {
+    let events = run_all(&history(hm(16, 0), hm(18, 0), production_stops_after(16)));
+    assert_eq!(
+        outline(&events),
+        vec![(
+            Rule::R3,
+            EventStatus::Closed,
+            hm(17, 0) + 40,
+            Some(hm(17, 8)),
+            vec!["fan".to_string()]
+        )]
+    );
+    // Production stops 3 minutes after treatment: a normal shutdown.
+    assert_eq!(
+        run_all(&history(hm(16, 0), hm(18, 0), production_stops_after(6))),
+        vec![]
+    );
+}
+
+#[test]
+fn a_facility_in_maintenance_raises_nothing() {
+    let text = format!(
+        "{SITE}\n[[maintenance]]\nfacilities = [\"fan\"]\nfrom = \"2022-12-13T13:30:00+08:00\"\nuntil = \"2022-12-13T15:00:00+08:00\"\nreason = \"bearing\"\n"
+    );
+    let site = Arc::new(Site::from_toml(&text, "test.site.toml").unwrap());
+    assert_eq!(site.maintenance[0].reason, "bearing");
+    let mut detector = GatewayDetector::new(site, "gw");
+    let events = detector.apply(&history(hm(13, 0), hm(16, 0), fan_stops_for(40)), 0);
+    assert_eq!(events, vec![]);
+}
+
+#[test]
+fn frozen_power_for_an_hour_is_r7_and_a_counter_going_back_is_a_point_event() {
+    let plant = |meter: &str, t: i64| match meter {
+        "m-esp" if t >= hm(10, 0) && t < hm(11, 30) => Reading::Kw(4.0),
+        _ => normal_at(meter, t),
+    };
+    let events = run_all(&history(hm(9, 0), hm(12, 0), plant));
+    assert_eq!(
+        outline(&events),
+        vec![(
+            Rule::R7,
+            EventStatus::Closed,
+            hm(10, 0) + 30,
+            // 11:30:00 reads 4.0 again (no noise that poll).
+            Some(hm(11, 30) + 30_030),
+            vec!["esp".to_string()]
+        )]
+    );
+    let mut samples = history(hm(9, 0), hm(9, 2), normal_at);
+    for (i, s) in samples.iter_mut().enumerate() {
+        s.values.energy_kwh = Some(if i == 7 { 1.0 } else { 100.0 + i as f64 });
+    }
+    let events = run_all(&samples);
+    assert_eq!(
+        outline(&events),
+        vec![(
+            Rule::R7,
+            EventStatus::Closed,
+            samples[7].time_ms,
+            Some(samples[7].time_ms),
+            vec![samples[7].meter.trim_start_matches("m-").to_string()]
+        )]
+    );
 }

@@ -349,6 +349,7 @@ mod tests {
             notice_en: "en".into(),
             notice_zh: "zh".into(),
             data_loss: None,
+            evidence: Default::default(),
         }
     }
 

@@ -1119,6 +1119,7 @@ start_threshold_kw = 4
                 samples_dropped: 1234,
                 batches_missing: 3,
             }),
+            evidence: Default::default(),
         };
         assert_eq!(changes[0].event, expected);
         assert_eq!(expected.id, "bf8972fc68b782cbcba3f57e3985f8bb");
@@ -1151,6 +1152,7 @@ start_threshold_kw = 4
                     "l2-condenser", "l2-hv-esp", "l2-main-fan", "l2-spray-pump", "l2-stenter"
                 ],
                 "historical": false,
+                "evidence": {},
                 "notice": {
                     "en": "Tongxiang Example Dyeing & Finishing Co.: data interruption. Gateway gw-01 discarded 1,234 readings (buffer full) between 2022-12-13 09:00 and 2022-12-13 11:30; 3 batches are missing. These readings cannot be recovered.",
                     "zh": "Tongxiang Example Dyeing & Finishing Co.：工况数据缺失。网关gw-01缓存已满，2022-12-13 09:00至2022-12-13 11:30期间丢弃1,234条读数，缺失3个批次，无法补传。"
