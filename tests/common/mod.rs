@@ -38,12 +38,44 @@ pub(crate) async fn run_plant(ingest_outage: Option<(i64, i64)>) -> (Outcome, Ve
     (outcome, progress)
 }
 
-/// Exactly one event: R1 on line 1, closed, from 14:03 for 27 minutes
-/// (within one 30 s poll interval), involving exactly the condenser, the
-/// main fan and the HV ESP of line 1.
+/// Exactly two events. The seed incident: R1 on line 1, closed, from 14:03
+/// for 27 minutes (within one 30 s poll interval), involving exactly the
+/// condenser, the main fan and the HV ESP of line 1. And line 2's fan meter
+/// silent from 16:00 to 16:20: a data interruption of that one meter (R5),
+/// never an R1 (missing data is unknown, not stopped).
 pub(crate) fn assert_exactly_the_seed_incident(outcome: &Outcome) {
-    assert_eq!(outcome.events.len(), 1, "{:#?}", outcome.events);
-    let event = &outcome.events[0];
+    assert_eq!(outcome.events.len(), 2, "{:#?}", outcome.events);
+    let silent = outcome
+        .events
+        .iter()
+        .find(|e| e.rule == Rule::R5)
+        .unwrap_or_else(|| panic!("no R5 event: {:#?}", outcome.events));
+    assert_eq!(
+        (silent.line.as_str(), silent.status, &silent.facilities[..]),
+        (
+            "line2",
+            EventStatus::Closed,
+            &["l2-main-fan".to_string()][..]
+        ),
+        "{silent:#?}"
+    );
+    // From the meter's last reading before 16:00 to its first after 16:20,
+    // which comes when the gateway's backoff (1, 2, 4 ... 32 slots) next
+    // asks the meter: at most 32 slots (16 minutes) after it answers again.
+    assert!(
+        (hm(15, 59)..=hm(16, 0)).contains(&silent.start_ms),
+        "{silent:#?}"
+    );
+    let silent_end = silent.end_ms.expect("closed");
+    assert!(
+        (hm(16, 20)..=hm(16, 36) + 30_000).contains(&silent_end),
+        "{silent:#?}"
+    );
+    let event = outcome
+        .events
+        .iter()
+        .find(|e| e.rule == Rule::R1)
+        .unwrap_or_else(|| panic!("no R1 event: {:#?}", outcome.events));
     assert_eq!(
         (
             event.rule,

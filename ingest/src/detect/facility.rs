@@ -69,6 +69,12 @@ impl Default for FacilityState {
 }
 
 impl FacilityState {
+    /// Time of the first reading of a change not yet confirmed by the
+    /// debounce, if one is pending.
+    pub(crate) fn pending_since(&self) -> Option<i64> {
+        self.candidate.as_ref().map(|c| c.first_ms)
+    }
+
     /// Applies one reading: `power_kw` is `None` for a sample without a valid
     /// power value (timeout, exception, ...), which changes nothing by
     /// itself; only [`FacilityState::expire`] turns silence into unknown.

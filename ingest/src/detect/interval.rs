@@ -93,9 +93,16 @@ pub(crate) enum Change {
 impl Phase {
     /// Advances to `now_ms` given the condition; returns what changed, in
     /// order (an interval found late can open and close in one step).
+    /// `settled_ms` (at most `now_ms`): the line's facility states are
+    /// settled up to then; after it a facility has a change pending its
+    /// debounce, which may turn out to have ended the condition at that
+    /// moment. An interval opens only once it has held for the minimum up to
+    /// `settled_ms`, so a condition that ends one reading short of the
+    /// minimum never opens (and then closes shorter than its minimum).
     pub(crate) fn advance(
         &mut self,
         now_ms: i64,
+        settled_ms: i64,
         condition: Condition,
         d: Durations,
     ) -> Vec<Change> {
@@ -108,7 +115,7 @@ impl Phase {
                     start_ms,
                     facilities: involved,
                 }
-                .confirm(now_ms, d, &mut changes)
+                .confirm(settled_ms.min(now_ms), d, &mut changes)
             }
             (idle @ Phase::Idle { .. }, Condition::Clear { .. } | Condition::Unknown { .. }) => {
                 idle
@@ -158,7 +165,7 @@ impl Phase {
                     start_ms,
                     facilities,
                 }
-                .confirm(now_ms, d, &mut changes)
+                .confirm(settled_ms.min(now_ms), d, &mut changes)
             }
             (
                 Phase::Pending {
@@ -233,12 +240,12 @@ impl Phase {
     }
 
     /// Pending -> Open once the condition has held for the minimum duration.
-    fn confirm(self, now_ms: i64, d: Durations, changes: &mut Vec<Change>) -> Phase {
+    fn confirm(self, settled_ms: i64, d: Durations, changes: &mut Vec<Change>) -> Phase {
         match self {
             Phase::Pending {
                 start_ms,
                 facilities,
-            } if now_ms - start_ms >= d.min_ms => {
+            } if settled_ms - start_ms >= d.min_ms => {
                 changes.push(Change::Opened {
                     start_ms,
                     facilities: facilities.clone(),
@@ -297,7 +304,7 @@ mod tests {
         let mut phase = Phase::default();
         steps
             .into_iter()
-            .flat_map(|(now, c)| phase.advance(now, c, D))
+            .flat_map(|(now, c)| phase.advance(now, now, c, D))
             .collect()
     }
 

@@ -954,6 +954,14 @@ impl GatewayDetector {
             transitions.extend(state.1.expire(now_ms, &limits(f)));
         }
         let changed_at = transitions.iter().map(|t| t.at_ms).max().unwrap_or(now_ms);
+        // Interval::advance: the states are settled up to the first reading
+        // of any change still pending its debounce.
+        let settled_ms = line
+            .facilities
+            .iter()
+            .filter_map(|f| f.1.pending_since())
+            .min()
+            .map_or(now_ms, |pending| pending.min(now_ms));
 
         // Per meter: R5 (one meter missing while others report), R7.
         let gap_ms = poll_ms * i64::from(rules.r5.gap_polls);
@@ -1058,7 +1066,17 @@ impl GatewayDetector {
             }
         }
         let d = durations(&rules.r1);
-        advance(&mut line.r1, cfg, li, Rule::R1, now_ms, condition, d, found);
+        advance(
+            &mut line.r1,
+            cfg,
+            li,
+            Rule::R1,
+            now_ms,
+            settled_ms,
+            condition,
+            d,
+            found,
+        );
 
         // R4: low-load treatment while production produces.
         let verdict = r4_verdict(cfg, line, &active, now_ms);
@@ -1067,7 +1085,17 @@ impl GatewayDetector {
             min_ms: rules.r4.min_duration.as_millis() as i64,
             clear_ms: rules.r4.clear_duration.as_millis() as i64,
         };
-        advance(&mut line.r4, cfg, li, Rule::R4, now_ms, condition, d, found);
+        advance(
+            &mut line.r4,
+            cfg,
+            li,
+            Rule::R4,
+            now_ms,
+            settled_ms,
+            condition,
+            d,
+            found,
+        );
 
         // R6: production inside a restriction window.
         let windows = &layout.restrictions[li];
@@ -1103,7 +1131,17 @@ impl GatewayDetector {
             };
             let condition = line.r6.condition(verdict, now_ms, changed);
             let d = durations(&rules.r6);
-            advance(&mut line.r6, cfg, li, Rule::R6, now_ms, condition, d, found);
+            advance(
+                &mut line.r6,
+                cfg,
+                li,
+                Rule::R6,
+                now_ms,
+                settled_ms,
+                condition,
+                d,
+                found,
+            );
         }
 
         // Evidence: this reading counts for every interval pending or open.
@@ -1201,11 +1239,12 @@ fn advance(
     li: usize,
     rule: Rule,
     now_ms: i64,
+    settled_ms: i64,
     condition: Condition,
     d: Durations,
     found: &mut Vec<Found>,
 ) {
-    for change in track.phase.advance(now_ms, condition, d) {
+    for change in track.phase.advance(now_ms, settled_ms, condition, d) {
         let facilities = match &change {
             Change::Opened { facilities, .. }
             | Change::Widened { facilities, .. }
@@ -1288,7 +1327,15 @@ fn frozen_and_counter(
                 });
             }
         } else {
-            if let (true, Some(since)) = (track.frozen_open, track.frozen_since_ms) {
+            // The value was frozen from the run's first reading to this
+            // first different one (like R1, whose condition ends at the
+            // first reading that breaks it): a run that reached the
+            // minimum only now opens and closes at once.
+            let reached = contiguous
+                && track
+                    .frozen_since_ms
+                    .is_some_and(|since| now_ms - since >= frozen_ms);
+            if let (true, Some(since)) = (track.frozen_open || reached, track.frozen_since_ms) {
                 found.push(Found {
                     evidence: evidence(&track.frozen_power),
                     ..meter_found(
