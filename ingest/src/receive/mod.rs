@@ -10,6 +10,8 @@
 
 pub(crate) mod apply;
 pub(crate) mod connection;
+#[cfg(test)]
+mod properties;
 mod reject;
 
 use std::time::Duration;
