@@ -250,7 +250,10 @@ pub(crate) fn start_ingest(config: &Path, broker: &Broker) -> Process {
         .arg("--config")
         .arg(config)
         .arg("--log-format")
-        .arg("json");
+        .arg("json")
+        // Every event change is logged; those found in a replay (all of a
+        // simulated 2022 day, judged on the wall clock) at debug.
+        .env("RUST_LOG", "info,facwatch_ingest::emit=debug");
     let mut ingest = Process::spawn("facwatch-ingest", command);
     if let Broker::Embedded { port } = broker {
         ingest.wait_for_tcp(([127, 0, 0, 1], *port).into(), READY_TIMEOUT);
