@@ -12,11 +12,14 @@
 //!   password is never logged nor printed (`Debug` shows `***`);
 //! - the buffer holds at least [`MIN_MAX_BYTES`], and commits every
 //!   10..=10000 ms ([`COMMIT_INTERVAL_RANGE_MS`]);
+//! - `metrics_listen`, when set, is a socket address (`IP:PORT`; port 0
+//!   picks a free port);
 //! - relative paths (`site_file`, `buffer.path`) are resolved against the
 //!   directory of the config file, not the working directory.
 //!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -69,6 +72,9 @@ pub struct Settings {
     /// at exactly this time is not polled) and `run` returns once every
     /// batch is acked.
     pub poll_until_ms: Option<i64>,
+    /// Where to serve Prometheus metrics (`[metrics] listen`); `None` serves
+    /// none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How to reach the MQTT broker.
@@ -123,7 +129,8 @@ impl Settings {
     /// else: real-time polling forever, a window of
     /// [`DEFAULT_WINDOW_BATCHES`], an ack timeout of [`DEFAULT_ACK_TIMEOUT`],
     /// [`BufferLimits::default`], commits every
-    /// [`DEFAULT_COMMIT_INTERVAL`], replay at [`DEFAULT_REPLAY_PACE`].
+    /// [`DEFAULT_COMMIT_INTERVAL`], replay at [`DEFAULT_REPLAY_PACE`], no
+    /// metrics endpoint.
     pub fn new(
         site: &Site,
         gateway_id: &str,
@@ -145,6 +152,7 @@ impl Settings {
             replay: DEFAULT_REPLAY_PACE,
             clock,
             poll_until_ms: None,
+            metrics_listen: None,
         })
     }
 
@@ -312,6 +320,19 @@ impl Settings {
             }
         };
 
+        let metrics_listen = match &raw.metrics {
+            None => None,
+            Some(metrics) => Some(metrics.listen.parse::<SocketAddr>().map_err(|_| {
+                err(
+                    "metrics.listen",
+                    format!(
+                        "`{}` is not a socket address (IP:PORT, e.g. 127.0.0.1:9101)",
+                        metrics.listen
+                    ),
+                )
+            })?),
+        };
+
         Ok(Settings {
             site_id: site.id.clone(),
             gateway,
@@ -334,6 +355,7 @@ impl Settings {
             },
             clock,
             poll_until_ms,
+            metrics_listen,
         })
     }
 }
@@ -398,6 +420,13 @@ mod raw {
         #[serde(default)]
         pub(super) forward: ForwardSection,
         pub(super) clock: Option<ClockSection>,
+        pub(super) metrics: Option<MetricsSection>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct MetricsSection {
+        pub(super) listen: String,
     }
 
     #[derive(Deserialize)]
@@ -550,6 +579,7 @@ mod tests {
         assert_eq!(settings.ack_timeout, Duration::from_millis(5000));
         assert_eq!(settings.clock, Clock::real());
         assert_eq!(settings.poll_until_ms, None);
+        assert_eq!(settings.metrics_listen, None);
         assert_eq!(
             settings.buffer_limits,
             BufferLimits {
@@ -603,6 +633,22 @@ mod tests {
                 batches_per_sec: 0,
                 bytes_per_sec: 4096,
             }
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_read_and_documented_in_the_default_config() {
+        let text = format!("{MINIMAL}[metrics]\nlisten = \"127.0.0.1:9101\"\n");
+        assert_eq!(
+            load(&text).unwrap().metrics_listen,
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
+        let uncommented = DEFAULT_CONFIG
+            .replace("# [metrics]", "[metrics]")
+            .replace("# listen = ", "listen = ");
+        assert_eq!(
+            load(&uncommented).unwrap().metrics_listen,
+            Some("127.0.0.1:9101".parse().unwrap())
         );
     }
 
@@ -703,6 +749,9 @@ path = "/var/lib/facwatch/buffer.redb"
             (MINIMAL.replace("[buffer]", "[buffer]\ncommit_interval_ms = 10001"), "buffer.commit_interval_ms: 10001 is outside 10..=10000"),
             (MINIMAL.replace("[buffer]", "[buffer]\nwhen_full = \"block\""), "buffer.when_full: unknown variant `block`, expected `drop_oldest` or `drop_newest`"),
             (format!("{MINIMAL}[clock]\nstart = \"yesterday\"\n"), "clock.start: `yesterday` is not an RFC 3339 time"),
+            (format!("{MINIMAL}[metrics]\nlisten = \"localhost:9101\"\n"), "metrics.listen: `localhost:9101` is not a socket address (IP:PORT, e.g. 127.0.0.1:9101)"),
+            (format!("{MINIMAL}[metrics]\nlisten = \"127.0.0.1\"\n"), "metrics.listen: `127.0.0.1` is not a socket address"),
+            (format!("{MINIMAL}[metrics]\nport = 9101\n"), "unknown field `port`"),
             (format!("{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00Z\"\ntime_scale = 0\n"), "clock.time_scale: 0 must be a positive number"),
             (format!("{MINIMAL}[clock]\nstart = \"2022-12-13T00:00:00Z\"\nuntil = \"2022-12-12T00:00:00Z\"\n"), "clock.until: `2022-12-12T00:00:00Z` must be after"),
         ];

@@ -12,6 +12,10 @@
 //!   leave the buffer only when the ingest acks them (DESIGN.md,
 //!   "Delivery").
 //!
+//! With `[metrics] listen`, `run` binds the metrics listener before polling
+//! starts (a bind error stops the gateway) and serves Prometheus text on
+//! `GET /metrics` from [`Stats`] until it returns (`metrics`).
+//!
 //! [`probe`] reads one meter once over the same code path as polling, for
 //! installers (`facwatch-gateway probe`).
 //!
@@ -27,11 +31,14 @@
 pub mod buffer;
 pub mod config;
 mod forward;
+mod metrics;
 pub mod poll;
 pub mod probe;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 pub use buffer::{AckApplied, Buffer, BufferError, BufferLimits, BufferMeta, MovedAside, WhenFull};
 pub use config::{MqttCredentials, MqttSettings, Settings};
 pub use forward::pace::{ReplayPace, DEFAULT_REPLAY_PACE};
+pub use metrics::MetricsError;
 
 /// Live counters, for metrics and for tests to watch progress.
 #[derive(Debug, Default)]
@@ -73,6 +81,10 @@ pub struct Stats {
     /// Of `polls_failed`: slots in which a meter backing off after failures
     /// was not asked (each still yields an `Offline` sample).
     pub polls_skipped: AtomicU64,
+    /// Where the metrics endpoint listens, set once it is bound (before
+    /// polling starts); unset without `[metrics]`. Tells callers that asked
+    /// for port 0 which port they got.
+    pub metrics_address: OnceLock<SocketAddr>,
 }
 
 impl Stats {
@@ -109,7 +121,12 @@ pub enum GatewayError {
     Task { task: &'static str, reason: String },
     #[error(transparent)]
     Poll(#[from] poll::PollError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
+
+/// How long a stopping gateway lets open metrics requests finish.
+const METRICS_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Samples waiting for the batcher, per meter, beyond two batch intervals'
 /// worth. The queue holds two whole batches of polls so that a slow fsync
@@ -171,6 +188,37 @@ pub async fn run(
         "Gateway starting."
     );
 
+    // Bound before polling starts: a taken port stops the gateway here.
+    // Stopped when `run` returns, however it returns.
+    let stop_metrics = CancellationToken::new();
+    let _stop_metrics_on_return = stop_metrics.clone().drop_guard();
+    let metrics_server = match settings.metrics_listen {
+        None => None,
+        Some(address) => {
+            let listener = metrics::bind(address).await?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| MetricsError::Bind { address, source })?;
+            let _ = stats.metrics_address.set(bound);
+            tracing::info!(
+                site = %settings.site_id,
+                gateway = %settings.gateway.id,
+                address = %bound,
+                "Serving metrics on /metrics."
+            );
+            Some(tokio::spawn(metrics::serve(
+                listener,
+                Arc::clone(&stats),
+                metrics::Labels {
+                    site: settings.site_id.clone(),
+                    gateway: settings.gateway.id.clone(),
+                },
+                settings.clock,
+                stop_metrics.clone(),
+            )))
+        }
+    };
+
     // Cancelled by the caller, or by a failing stage to stop the others.
     let abort = shutdown.child_token();
     let stop_polling = abort.child_token();
@@ -229,6 +277,14 @@ pub async fn run(
     let batched = batcher.await.map_err(|e| task_failed("batcher", e))?;
     forwarder?;
     batched?;
+
+    stop_metrics.cancel();
+    if let Some(mut server) = metrics_server {
+        match tokio::time::timeout(METRICS_CLOSE_GRACE, &mut server).await {
+            Ok(joined) => joined.map_err(|e| task_failed("metrics", e))??,
+            Err(_) => server.abort(),
+        }
+    }
 
     let meta = buffer.meta()?;
     tracing::info!(
