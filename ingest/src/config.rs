@@ -20,6 +20,8 @@
 //!   `backoff_max_ms >= backoff_initial_ms`; an auth header has a valid name
 //!   and value, and its value never appears in `Debug` output or logs.
 //!
+//! - `[http]` is optional; when present, `listen` is a socket address.
+//!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem;
 //! paths in the file are relative to the file.
 
@@ -60,6 +62,16 @@ pub struct Settings {
     pub notices: NoticeSettings,
     /// `[[webhooks]]`: HTTP endpoints every notice is POSTed to.
     pub webhooks: Vec<WebhookSettings>,
+    /// `[http]`: where the HTTP API listens; `None` serves no API.
+    pub http: Option<HttpSettings>,
+}
+
+/// The HTTP API (`[http]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// Address to bind; port 0 picks a free port
+    /// ([`crate::Stats::http_addr`] tells which).
+    pub listen: SocketAddr,
 }
 
 /// When notices are live, summarised or raised (`[notices]`).
@@ -195,6 +207,7 @@ impl Settings {
             mqtt_persistent_session: false,
             notices: NoticeSettings::default(),
             webhooks: Vec::new(),
+            http: None,
         })
     }
 
@@ -226,6 +239,7 @@ impl Settings {
         let mqtt_credentials = credentials_of(&raw.mqtt, broker, file)?;
         let notices = notices_of(&raw.notices, file)?;
         let webhooks = webhooks_of(&raw.webhooks, file)?;
+        let http = raw.http.as_ref().map(|h| http_of(h, file)).transpose()?;
         Ok(Settings {
             sites: sites.into_iter().map(|(_, site)| site).collect(),
             store_path,
@@ -240,6 +254,7 @@ impl Settings {
             mqtt_persistent_session: broker == BrokerMode::External,
             notices,
             webhooks,
+            http,
         })
     }
 
@@ -247,6 +262,20 @@ impl Settings {
     pub fn site_of_gateway(&self, gateway: &str) -> Option<&Site> {
         self.sites.iter().find(|s| s.gateway(gateway).is_some())
     }
+}
+
+fn http_of(raw: &raw::Http, file: &str) -> Result<HttpSettings, ConfigError> {
+    let listen: SocketAddr = raw.listen.parse().map_err(|_| {
+        ConfigError::new(
+            file,
+            "http.listen",
+            format!(
+                "`{}` is not an IP:PORT socket address (e.g. 127.0.0.1:8080)",
+                raw.listen
+            ),
+        )
+    })?;
+    Ok(HttpSettings { listen })
 }
 
 fn broker_of(raw: &raw::Broker, file: &str) -> Result<(BrokerMode, String, u16), ConfigError> {
@@ -574,6 +603,13 @@ mod raw {
         pub(super) notices: Notices,
         #[serde(default)]
         pub(super) webhooks: Vec<Webhook>,
+        pub(super) http: Option<Http>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Http {
+        pub(super) listen: String,
     }
 
     #[derive(Deserialize, Default)]
@@ -994,5 +1030,33 @@ host = "127.0.0.1"
         );
         let settings = Settings::new(vec![site], "x.redb", mqtt).unwrap();
         assert_eq!(settings.broker, BrokerMode::External);
+    }
+
+    #[test]
+    fn http_listen_is_read_and_a_bad_one_is_named() {
+        let dir = config_dir(DEFAULT_CONFIG, &[("plant.site.toml", SITE)]);
+        assert_eq!(load(&dir).unwrap().http, None);
+
+        let config = format!("{DEFAULT_CONFIG}\n[http]\nlisten = \"127.0.0.1:0\"\n");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        assert_eq!(
+            load(&dir).unwrap().http,
+            Some(HttpSettings {
+                listen: "127.0.0.1:0".parse().unwrap()
+            })
+        );
+
+        let config = format!("{DEFAULT_CONFIG}\n[http]\nlisten = \"localhost:8080\"\n");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        let err = load(&dir).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("http.listen"));
+        assert_eq!(
+            err.problem,
+            "`localhost:8080` is not an IP:PORT socket address (e.g. 127.0.0.1:8080)"
+        );
+
+        let config = format!("{DEFAULT_CONFIG}\n[http]\nlisten = \"127.0.0.1:0\"\nport = 1\n");
+        let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
+        assert!(load(&dir).unwrap_err().to_string().contains("port"));
     }
 }

@@ -16,6 +16,7 @@ pub mod broker;
 pub mod config;
 pub mod detect;
 mod emit;
+mod http;
 mod receive;
 mod stats;
 pub mod store;
@@ -32,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::{
-    BrokerMode, Credentials, MqttSettings, NoticeSettings, Settings, WebhookSettings,
+    BrokerMode, Credentials, HttpSettings, MqttSettings, NoticeSettings, Settings, WebhookSettings,
 };
 pub use stats::{Stats, StatsSnapshot, WebhookSnapshot};
 pub use store::{Store, StoreError};
@@ -56,6 +57,11 @@ pub enum IngestError {
     },
     #[error("MQTT connection task failed: {0}")]
     Connection(tokio::task::JoinError),
+    #[error("cannot listen for the HTTP API on {addr}: {source}")]
+    HttpBind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     #[error("webhook `{name}`: cannot build the HTTP client: {source}")]
     WebhookClient {
         name: String,
@@ -68,11 +74,25 @@ pub enum IngestError {
 /// and applies batches. Then stops in order: stop receiving, finish the
 /// batch being applied, close the store (the file can be opened again when
 /// this returns), disconnect.
+///
+/// With `settings.http`, the HTTP API is bound first (its address is then in
+/// [`Stats::http_addr`]), served from before the broker connection, and
+/// stopped before this returns.
 pub async fn run(
     settings: Settings,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
+    let http_listener =
+        match settings.http {
+            Some(http) => Some(http::bind(http.listen, &stats).await.map_err(|source| {
+                IngestError::HttpBind {
+                    addr: http.listen,
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let store = Arc::new(Store::open(&settings.store_path)?);
     let (client, mut eventloop) =
         AsyncClient::new(receive::mqtt_options(&settings), receive::REQUEST_QUEUE);
@@ -119,6 +139,17 @@ pub async fn run(
             ))
         })
         .collect();
+    let http_server = http_listener.map(|listener| {
+        let api = http::Api {
+            store: store.clone(),
+            stats: stats.clone(),
+            sites: Arc::new(settings.sites.clone()),
+        };
+        if let Ok(addr) = listener.local_addr() {
+            info!(addr = %addr, "HTTP API listening.");
+        }
+        tokio::spawn(http::serve(listener, api, shutdown.clone()))
+    });
     drop(store);
     info!(
         sites = settings.sites.len(),
@@ -147,6 +178,18 @@ pub async fn run(
         // A sender returns at once on shutdown (a blocking store call at
         // most finishes first).
         let _ = sender.await;
+    }
+    if let Some(mut server) = http_server {
+        // Graceful shutdown finishes the requests in flight; bounded, then
+        // aborted, so the server's handle on the store is gone either way.
+        if tokio::time::timeout(DISCONNECT_WAIT, &mut server)
+            .await
+            .is_err()
+        {
+            warn!("HTTP API did not stop in time; closing it.");
+            server.abort();
+            let _ = server.await;
+        }
     }
 
     // The connection task is still polling: let it send the last ack and a

@@ -9,7 +9,8 @@
 //! process.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::Notify;
@@ -75,6 +76,12 @@ pub struct Stats {
     pub alerts_cleared: AtomicU64,
     /// The webhook counters by webhook name.
     webhooks: Mutex<BTreeMap<String, WebhookSnapshot>>,
+    /// Whether the batch subscription is confirmed on the current broker
+    /// connection (false again when the connection is lost).
+    broker_subscribed: AtomicBool,
+    /// Where the HTTP API listens, once bound (`[http] listen` may ask for
+    /// port 0).
+    http_addr: Mutex<Option<SocketAddr>>,
     changed: Notify,
 }
 
@@ -170,6 +177,28 @@ impl Stats {
             .get(name)
             .copied()
             .unwrap_or_default()
+    }
+
+    /// Whether the batch subscription is confirmed on the current broker
+    /// connection.
+    pub fn broker_subscribed(&self) -> bool {
+        self.broker_subscribed.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_broker_subscribed(&self, subscribed: bool) {
+        self.broker_subscribed.store(subscribed, Ordering::Relaxed);
+        self.changed.notify_waiters();
+    }
+
+    /// The address the HTTP API is bound to, `None` before it is bound or
+    /// without `[http]`. Set before `run` connects to the broker.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        *self.http_addr.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn set_http_addr(&self, addr: SocketAddr) {
+        *self.http_addr.lock().unwrap_or_else(|e| e.into_inner()) = Some(addr);
+        self.changed.notify_waiters();
     }
 
     /// Adds `n` to a counter of webhook `name` and to its total.

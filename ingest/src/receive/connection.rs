@@ -87,6 +87,7 @@ pub(crate) async fn run(
                     .all(|c| matches!(c, SubscribeReasonCode::Success(_)))
                 {
                     debug!(filter = topics::BATCH_FILTER, "Subscribed.");
+                    stats.set_broker_subscribed(true);
                     stats.add(|s| &s.broker_subscriptions, 1);
                 } else {
                     warn!(
@@ -109,6 +110,7 @@ pub(crate) async fn run(
                     return;
                 }
                 failures += 1;
+                stats.set_broker_subscribed(false);
                 stats.add(|s| &s.broker_connection_failures, 1);
                 warn!(
                     host = %host,
