@@ -21,6 +21,11 @@
 //!   and value, and its value never appears in `Debug` output or logs.
 //!
 //! - `[http]` is optional; when present, `listen` is a socket address.
+//! - `[influxdb]` is optional; when present, `url` is an http(s) base URL
+//!   without query or user info, `org` and `bucket` are non-empty, the
+//!   token is visible ASCII (and never appears in `Debug` output or logs),
+//!   `max_lines_per_write` is 1..=100000, `max_outbox_bytes` at least
+//!   1 MiB, and the backoff is ordered as for webhooks.
 //!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem;
 //! paths in the file are relative to the file.
@@ -64,6 +69,134 @@ pub struct Settings {
     pub webhooks: Vec<WebhookSettings>,
     /// `[http]`: where the HTTP API listens; `None` serves no API.
     pub http: Option<HttpSettings>,
+    /// `[influxdb]`: where readings and events are written as line
+    /// protocol; `None` writes none.
+    pub influxdb: Option<InfluxSettings>,
+}
+
+/// Timestamp precision of the line protocol written to InfluxDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Seconds,
+    Milliseconds,
+    Microseconds,
+    Nanoseconds,
+}
+
+impl Precision {
+    /// The `precision` query parameter of `/api/v2/write`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Seconds => "s",
+            Precision::Milliseconds => "ms",
+            Precision::Microseconds => "us",
+            Precision::Nanoseconds => "ns",
+        }
+    }
+
+    /// Unix milliseconds in this precision (seconds truncate).
+    pub fn from_unix_ms(self, ms: i64) -> i64 {
+        match self {
+            Precision::Seconds => ms.div_euclid(1000),
+            Precision::Milliseconds => ms,
+            Precision::Microseconds => ms.saturating_mul(1_000),
+            Precision::Nanoseconds => ms.saturating_mul(1_000_000),
+        }
+    }
+
+    /// The inverse of [`Precision::as_str`].
+    pub fn parse(text: &str) -> Option<Precision> {
+        [
+            Precision::Seconds,
+            Precision::Milliseconds,
+            Precision::Microseconds,
+            Precision::Nanoseconds,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == text)
+    }
+}
+
+/// The InfluxDB writer (`[influxdb]`). `Debug` hides the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InfluxSettings {
+    /// Base URL of the server; `/api/v2/write` is appended to its path.
+    pub url: reqwest::Url,
+    pub org: String,
+    pub bucket: String,
+    /// Sent as `Authorization: Token <token>`; none without.
+    pub token: Option<String>,
+    pub precision: Precision,
+    /// Compress request bodies (`Content-Encoding: gzip`).
+    pub gzip: bool,
+    /// Write one `reading` point per sample.
+    pub readings: bool,
+    /// Write one `event` point per event change.
+    pub events: bool,
+    /// Most lines in one write request.
+    pub max_lines_per_write: usize,
+    /// Bound of the on-disk outbox (line protocol bytes). While it holds
+    /// this much the ingest applies no batch (and so acks none).
+    pub max_outbox_bytes: u64,
+    /// Bound on one write request (connect, send, response).
+    pub timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl InfluxSettings {
+    /// Settings with the defaults of `ingest.default.toml` for `url`, `org`
+    /// and `bucket` (tests, the demo).
+    pub fn new(url: reqwest::Url, org: &str, bucket: &str) -> InfluxSettings {
+        InfluxSettings {
+            url,
+            org: org.to_string(),
+            bucket: bucket.to_string(),
+            token: None,
+            precision: Precision::Milliseconds,
+            gzip: true,
+            readings: true,
+            events: true,
+            max_lines_per_write: DEFAULT_INFLUX_MAX_LINES,
+            max_outbox_bytes: DEFAULT_INFLUX_MAX_OUTBOX_BYTES,
+            timeout: Duration::from_millis(DEFAULT_WEBHOOK_TIMEOUT_MS),
+            backoff_initial: Duration::from_millis(DEFAULT_BACKOFF_INITIAL_MS),
+            backoff_max: Duration::from_millis(DEFAULT_INFLUX_BACKOFF_MAX_MS),
+        }
+    }
+
+    /// The write endpoint with `org`, `bucket` and `precision`.
+    pub(crate) fn write_url(&self, precision: Precision) -> reqwest::Url {
+        let mut url = self.url.clone();
+        let path = format!("{}/api/v2/write", url.path().trim_end_matches('/'));
+        url.set_path(&path);
+        url.query_pairs_mut()
+            .clear()
+            .append_pair("org", &self.org)
+            .append_pair("bucket", &self.bucket)
+            .append_pair("precision", precision.as_str());
+        url
+    }
+}
+
+impl std::fmt::Debug for InfluxSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InfluxSettings")
+            .field("url", &redacted_url(&self.url))
+            .field("org", &self.org)
+            .field("bucket", &self.bucket)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("precision", &self.precision)
+            .field("gzip", &self.gzip)
+            .field("readings", &self.readings)
+            .field("events", &self.events)
+            .field("max_lines_per_write", &self.max_lines_per_write)
+            .field("max_outbox_bytes", &self.max_outbox_bytes)
+            .field("timeout", &self.timeout)
+            .field("backoff_initial", &self.backoff_initial)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
 }
 
 /// The HTTP API (`[http]`).
@@ -104,6 +237,12 @@ const DEFAULT_WEBHOOK_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_WEBHOOK_MAX_QUEUE: u64 = 10_000;
 const DEFAULT_BACKOFF_INITIAL_MS: u64 = 1_000;
 const DEFAULT_BACKOFF_MAX_MS: u64 = 300_000;
+const DEFAULT_INFLUX_MAX_LINES: usize = 5_000;
+const DEFAULT_INFLUX_MAX_OUTBOX_BYTES: u64 = 256 * 1024 * 1024;
+const DEFAULT_INFLUX_BACKOFF_MAX_MS: u64 = 60_000;
+/// InfluxDB's own default limit on a request body is 25 MB; 100,000 lines
+/// of readings stay well below it.
+const MAX_INFLUX_LINES: usize = 100_000;
 
 /// One `[[webhooks]]` entry. `Debug` hides the header value.
 #[derive(Clone, PartialEq, Eq)]
@@ -208,6 +347,7 @@ impl Settings {
             notices: NoticeSettings::default(),
             webhooks: Vec::new(),
             http: None,
+            influxdb: None,
         })
     }
 
@@ -240,6 +380,11 @@ impl Settings {
         let notices = notices_of(&raw.notices, file)?;
         let webhooks = webhooks_of(&raw.webhooks, file)?;
         let http = raw.http.as_ref().map(|h| http_of(h, file)).transpose()?;
+        let influxdb = raw
+            .influxdb
+            .as_ref()
+            .map(|i| influx_of(i, file))
+            .transpose()?;
         Ok(Settings {
             sites: sites.into_iter().map(|(_, site)| site).collect(),
             store_path,
@@ -255,6 +400,7 @@ impl Settings {
             notices,
             webhooks,
             http,
+            influxdb,
         })
     }
 
@@ -277,6 +423,98 @@ fn http_of(raw: &raw::Http, file: &str) -> Result<HttpSettings, ConfigError> {
     })?;
     Ok(HttpSettings { listen })
 }
+
+fn influx_of(raw: &raw::Influx, file: &str) -> Result<InfluxSettings, ConfigError> {
+    let key = |name: &str| format!("influxdb.{name}");
+    let url = reqwest::Url::parse(&raw.url)
+        .map_err(|e| ConfigError::new(file, key("url"), format!("is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError::new(
+            file,
+            key("url"),
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    if url.query().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(ConfigError::new(
+            file,
+            key("url"),
+            "must be the server's base URL, without query or user info (org, bucket and token have keys of their own)",
+        ));
+    }
+    let mut settings = InfluxSettings::new(url, &raw.org, &raw.bucket);
+    for (name, value) in [("org", &raw.org), ("bucket", &raw.bucket)] {
+        if value.trim().is_empty() {
+            return Err(ConfigError::new(file, key(name), "must not be empty"));
+        }
+    }
+    if let Some(token) = &raw.token {
+        if token.is_empty() || reqwest::header::HeaderValue::from_str(token).is_err() {
+            // The token is a secret: do not echo it.
+            return Err(ConfigError::new(
+                file,
+                key("token"),
+                "must be non-empty visible ASCII",
+            ));
+        }
+        settings.token = Some(token.clone());
+    }
+    if let Some(text) = &raw.precision {
+        settings.precision = Precision::parse(text).ok_or_else(|| {
+            ConfigError::new(
+                file,
+                key("precision"),
+                format!("`{text}` is not one of s, ms, us, ns"),
+            )
+        })?;
+    }
+    settings.gzip = raw.gzip.unwrap_or(settings.gzip);
+    settings.readings = raw.readings.unwrap_or(settings.readings);
+    settings.events = raw.events.unwrap_or(settings.events);
+    if let Some(lines) = raw.max_lines_per_write {
+        if !(1..=MAX_INFLUX_LINES).contains(&lines) {
+            return Err(ConfigError::new(
+                file,
+                key("max_lines_per_write"),
+                format!("{lines} is outside 1..={MAX_INFLUX_LINES}"),
+            ));
+        }
+        settings.max_lines_per_write = lines;
+    }
+    if let Some(bytes) = raw.max_outbox_bytes {
+        if bytes < MIN_INFLUX_OUTBOX_BYTES {
+            return Err(ConfigError::new(
+                file,
+                key("max_outbox_bytes"),
+                format!("{bytes} is below the minimum of {MIN_INFLUX_OUTBOX_BYTES} (1 MiB)"),
+            ));
+        }
+        settings.max_outbox_bytes = bytes;
+    }
+    let millis = |value: Option<u64>, default: Duration, name: &str| match value {
+        None => Ok(default),
+        Some(0) => Err(ConfigError::new(file, key(name), "must be at least 1")),
+        Some(ms) => Ok(Duration::from_millis(ms)),
+    };
+    settings.timeout = millis(raw.timeout_ms, settings.timeout, "timeout_ms")?;
+    settings.backoff_initial = millis(
+        raw.backoff_initial_ms,
+        settings.backoff_initial,
+        "backoff_initial_ms",
+    )?;
+    settings.backoff_max = millis(raw.backoff_max_ms, settings.backoff_max, "backoff_max_ms")?;
+    if settings.backoff_max < settings.backoff_initial {
+        return Err(ConfigError::new(
+            file,
+            key("backoff_max_ms"),
+            "must not be less than backoff_initial_ms",
+        ));
+    }
+    Ok(settings)
+}
+
+/// The smallest `influxdb.max_outbox_bytes`: room for a few groups.
+const MIN_INFLUX_OUTBOX_BYTES: u64 = 1024 * 1024;
 
 fn broker_of(raw: &raw::Broker, file: &str) -> Result<(BrokerMode, String, u16), ConfigError> {
     let unused = |key: &str, mode: &str| {
@@ -604,6 +842,25 @@ mod raw {
         #[serde(default)]
         pub(super) webhooks: Vec<Webhook>,
         pub(super) http: Option<Http>,
+        pub(super) influxdb: Option<Influx>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct Influx {
+        pub(super) url: String,
+        pub(super) org: String,
+        pub(super) bucket: String,
+        pub(super) token: Option<String>,
+        pub(super) precision: Option<String>,
+        pub(super) gzip: Option<bool>,
+        pub(super) readings: Option<bool>,
+        pub(super) events: Option<bool>,
+        pub(super) max_lines_per_write: Option<usize>,
+        pub(super) max_outbox_bytes: Option<u64>,
+        pub(super) timeout_ms: Option<u64>,
+        pub(super) backoff_initial_ms: Option<u64>,
+        pub(super) backoff_max_ms: Option<u64>,
     }
 
     #[derive(Deserialize)]
@@ -1058,5 +1315,99 @@ host = "127.0.0.1"
         let config = format!("{DEFAULT_CONFIG}\n[http]\nlisten = \"127.0.0.1:0\"\nport = 1\n");
         let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
         assert!(load(&dir).unwrap_err().to_string().contains("port"));
+    }
+
+    #[test]
+    fn influxdb_is_read_with_defaults_the_documented_example_parses_and_errors_are_named() {
+        let with = |table: &str| {
+            let dir = config_dir(
+                &format!("{DEFAULT_CONFIG}\n{table}"),
+                &[("plant.site.toml", SITE)],
+            );
+            load(&dir)
+        };
+        let minimal =
+            "[influxdb]\nurl = \"http://127.0.0.1:8086/base/\"\norg = \"o\"\nbucket = \"b\"\n";
+        let settings = with(minimal).unwrap().influxdb.unwrap();
+        assert_eq!(
+            settings,
+            InfluxSettings::new("http://127.0.0.1:8086/base/".parse().unwrap(), "o", "b")
+        );
+        assert_eq!(
+            settings.write_url(Precision::Milliseconds).as_str(),
+            "http://127.0.0.1:8086/base/api/v2/write?org=o&bucket=b&precision=ms"
+        );
+
+        // The commented example in the default config, uncommented.
+        let example: String = DEFAULT_CONFIG
+            .split_once("# [influxdb]")
+            .unwrap()
+            .1
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let settings = with(&format!("[influxdb]{example}"))
+            .unwrap()
+            .influxdb
+            .unwrap();
+        assert_eq!(settings.token.as_deref(), Some("change-me"));
+        assert_eq!(settings.max_outbox_bytes, 268_435_456);
+        assert_eq!(settings.max_lines_per_write, 5000);
+        assert_eq!(settings.backoff_max, Duration::from_secs(60));
+        assert!(!format!("{settings:?}").contains("change-me"));
+
+        let cases = [
+            (
+                "url = \"ftp://x\"",
+                "influxdb.url",
+                "must be an http:// or https:// URL with a host",
+            ),
+            (
+                "url = \"http://u:p@x:8086\"",
+                "influxdb.url",
+                "must be the server's base URL",
+            ),
+            (
+                "precision = \"m\"",
+                "influxdb.precision",
+                "`m` is not one of s, ms, us, ns",
+            ),
+            (
+                "max_lines_per_write = 0",
+                "influxdb.max_lines_per_write",
+                "0 is outside 1..=100000",
+            ),
+            (
+                "max_outbox_bytes = 1000",
+                "influxdb.max_outbox_bytes",
+                "1000 is below the minimum",
+            ),
+            (
+                "backoff_initial_ms = 5000\nbackoff_max_ms = 10",
+                "influxdb.backoff_max_ms",
+                "must not be less than",
+            ),
+            (
+                "token = \"\"",
+                "influxdb.token",
+                "must be non-empty visible ASCII",
+            ),
+            ("org = \" \"", "influxdb.org", "must not be empty"),
+        ];
+        for (line, key, problem) in cases {
+            let name = line.split_once(' ').unwrap().0;
+            let table: String = minimal
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{name} ")))
+                .chain([line])
+                .collect::<Vec<_>>()
+                .join("\n");
+            let err = with(&table).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{line}");
+            assert!(err.problem.starts_with(problem), "{line}: {}", err.problem);
+        }
+        let err = with(&format!("{minimal}colour = \"red\"\n")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `colour`"), "{err}");
     }
 }

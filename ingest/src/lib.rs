@@ -4,7 +4,8 @@
 //!
 //! Stages, one module each: `receive` (MQTT in, dedup, apply),
 //! [`detect`] (pure detector), [`store`] (redb), `emit` (log, MQTT and
-//! webhooks out; one sender task per webhook, fed by the store's outbox).
+//! webhooks out; one sender task per webhook, fed by the store's outbox;
+//! one InfluxDB writer, fed by its own outbox).
 //! [`broker`] runs the embedded MQTT broker; [`config`] reads `ingest.toml`.
 //!
 //! The delivery invariant (DESIGN.md "Delivery"): a batch's `last_seq`,
@@ -33,10 +34,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::{
-    BrokerMode, Credentials, HttpSettings, MqttSettings, NoticeSettings, Settings, WebhookSettings,
+    BrokerMode, Credentials, HttpSettings, InfluxSettings, MqttSettings, NoticeSettings, Precision,
+    Settings, WebhookSettings,
 };
 pub use stats::{Stats, StatsSnapshot, WebhookSnapshot};
-pub use store::{Store, StoreError};
+pub use store::{InfluxOutboxDepth, Store, StoreError};
 
 use crate::detect::SnapshotError;
 use crate::emit::Publisher;
@@ -62,6 +64,8 @@ pub enum IngestError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("InfluxDB: cannot build the HTTP client: {0}")]
+    InfluxClient(reqwest::Error),
     #[error("webhook `{name}`: cannot build the HTTP client: {source}")]
     WebhookClient {
         name: String,
@@ -117,14 +121,28 @@ pub async fn run(
         })?;
         senders.push(sender);
     }
-    let applier = ApplyTask::new(
-        Applier::new(&settings.sites, store.clone(), outbox_limits)?,
+    let influx_writer = match &settings.influxdb {
+        None => None,
+        Some(influx) => {
+            Some(emit::influx::Writer::new(influx.clone()).map_err(IngestError::InfluxClient)?)
+        }
+    };
+    let influx_changed = Arc::new(tokio::sync::Notify::new());
+    let mut applier = Applier::new(&settings.sites, store.clone(), outbox_limits)?;
+    if let Some(influx) = &settings.influxdb {
+        applier = applier.with_influx(emit::influx::Rendering::of(influx));
+    }
+    let mut applier = ApplyTask::new(
+        applier,
         publisher,
         stats.clone(),
         settings.clock,
         settings.notices,
         outbox_changed.clone(),
     )?;
+    if let Some(influx) = &settings.influxdb {
+        applier = applier.with_influx(influx.max_outbox_bytes, influx_changed.clone());
+    }
     // Senders stop on `shutdown` too; `run` waits for them, so the store is
     // closed when it returns.
     let senders: Vec<_> = senders
@@ -139,6 +157,15 @@ pub async fn run(
             ))
         })
         .collect();
+    let influx_writer = influx_writer.map(|writer| {
+        tokio::spawn(emit::influx::run(
+            writer,
+            store.clone(),
+            stats.clone(),
+            influx_changed.clone(),
+            shutdown.clone(),
+        ))
+    });
     let http_server = http_listener.map(|listener| {
         let api = http::Api {
             store: store.clone(),
@@ -178,6 +205,11 @@ pub async fn run(
         // A sender returns at once on shutdown (a blocking store call at
         // most finishes first).
         let _ = sender.await;
+    }
+    if let Some(writer) = influx_writer {
+        // Like a webhook sender: a write in flight finishes (within the
+        // InfluxDB timeout) so its outcome is recorded.
+        let _ = writer.await;
     }
     if let Some(mut server) = http_server {
         // Graceful shutdown finishes the requests in flight; bounded, then

@@ -74,6 +74,20 @@ pub struct Stats {
     pub alerts_raised: AtomicU64,
     /// `gateway_back`: silent gateways that sent a batch again.
     pub alerts_cleared: AtomicU64,
+    /// Lines queued in the InfluxDB outbox (readings and event changes).
+    pub influx_lines_queued: AtomicU64,
+    /// Lines InfluxDB accepted (2xx).
+    pub influx_lines_written: AtomicU64,
+    /// Write requests InfluxDB accepted.
+    pub influx_requests: AtomicU64,
+    /// Lines of writes refused with a 4xx other than 408/429: dropped.
+    pub influx_lines_refused: AtomicU64,
+    /// Write requests that failed: refused, or to be retried (connection,
+    /// timeout, 408, 429, 5xx).
+    pub influx_write_errors: AtomicU64,
+    /// Batches not applied (nor acked) because the InfluxDB outbox was full;
+    /// their gateways send them again.
+    pub batches_deferred: AtomicU64,
     /// The webhook counters by webhook name.
     webhooks: Mutex<BTreeMap<String, WebhookSnapshot>>,
     /// Whether the batch subscription is confirmed on the current broker
@@ -114,6 +128,12 @@ pub struct StatsSnapshot {
     pub replay_summaries: u64,
     pub alerts_raised: u64,
     pub alerts_cleared: u64,
+    pub influx_lines_queued: u64,
+    pub influx_lines_written: u64,
+    pub influx_requests: u64,
+    pub influx_lines_refused: u64,
+    pub influx_write_errors: u64,
+    pub batches_deferred: u64,
 }
 
 /// The counters of one webhook (also summed in [`StatsSnapshot`]).
@@ -166,6 +186,12 @@ impl Stats {
             replay_summaries: get(&self.replay_summaries),
             alerts_raised: get(&self.alerts_raised),
             alerts_cleared: get(&self.alerts_cleared),
+            influx_lines_queued: get(&self.influx_lines_queued),
+            influx_lines_written: get(&self.influx_lines_written),
+            influx_requests: get(&self.influx_requests),
+            influx_lines_refused: get(&self.influx_lines_refused),
+            influx_write_errors: get(&self.influx_write_errors),
+            batches_deferred: get(&self.batches_deferred),
         }
     }
 

@@ -19,7 +19,13 @@
 //! `facwatch/v1/alerts/{site}` ([`topics::alerts`]). The log gets one INFO
 //! line per live event change, summary and cleared alert, a WARN line per
 //! raised alert, and a DEBUG line per historical event change.
+//!
+//! InfluxDB ([`influx`]) is like the webhooks: its lines are queued in the
+//! store in the commit that applies their batches, and a writer task sends
+//! them.
 
+mod http_send;
+pub(crate) mod influx;
 pub(crate) mod notice;
 pub(crate) mod webhook;
 

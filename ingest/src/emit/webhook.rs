@@ -2,52 +2,31 @@
 //! webhook's on-disk outbox (see `store`) in order, one at a time.
 //!
 //! A notice leaves the outbox only after a 2xx answer, or when the webhook
-//! refuses it for good (a 4xx other than 429, or a 3xx: counted and logged
-//! with the status and the first [`BODY_SHOWN_BYTES`] of the body). A
-//! connection error, a timeout, 429 or 5xx is retried with exponential
+//! refuses it for good (a 4xx other than 408 and 429, or a 3xx: counted and
+//! logged with the status and the start of the body; see `http_send`). A
+//! connection error, a timeout, 408, 429 or 5xx is retried with exponential
 //! backoff from `backoff_initial` to `backoff_max`, or after the seconds of
-//! a `Retry-After` header (at most [`MAX_RETRY_AFTER`]). A notice may thus
+//! a `Retry-After` header. A notice may thus
 //! be POSTed more than once (a crash after the answer, before the removal);
 //! its `Idempotency-Key` header (`<id>:<phase>`) lets the receiver drop the
 //! repeat. The auth header's value is marked sensitive and never logged; the
 //! URL is logged without user info or query.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::http_send::{self, on_store, pause, Outcome};
 use super::notice::Notice;
 use crate::config::{redacted_url, WebhookSettings};
 use crate::stats::{Stats, WebhookCounter};
-use crate::store::{Store, StoreError};
-
-/// Bytes of a refusing answer's body shown in the log.
-pub(crate) const BODY_SHOWN_BYTES: usize = 200;
-/// Longest `Retry-After` honoured.
-pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+use crate::store::Store;
 
 /// Header carrying `<id>:<phase>`.
 pub(crate) const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
-
-/// What one POST came to.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Sent,
-    /// Refused for good: drop the notice.
-    Refused {
-        status: u16,
-        body: String,
-    },
-    /// Try again after `after` (from `Retry-After`) or the backoff.
-    Retry {
-        reason: String,
-        after: Option<Duration>,
-    },
-}
 
 /// The HTTP client of one webhook.
 pub(crate) struct Sender {
@@ -58,12 +37,7 @@ pub(crate) struct Sender {
 
 impl Sender {
     pub(crate) fn new(settings: WebhookSettings) -> Result<Sender, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("facwatch-ingest/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = http_send::client(settings.timeout)?;
         // Validated by `config`; an invalid one is left out rather than sent.
         let header = settings.header.as_ref().and_then(|(name, value)| {
             let name = HeaderName::from_bytes(name.as_bytes()).ok()?;
@@ -88,63 +62,7 @@ impl Sender {
         if let Some((name, value)) = &self.header {
             request = request.header(name.clone(), value.clone());
         }
-        let mut response = match request.send().await {
-            Ok(response) => response,
-            Err(error) => {
-                let reason = if error.is_timeout() {
-                    "timed out".to_string()
-                } else {
-                    // Without the URL: it may carry credentials.
-                    format!("{}", error.without_url())
-                };
-                return Outcome::Retry {
-                    reason,
-                    after: None,
-                };
-            }
-        };
-        let status = response.status();
-        if status.is_success() {
-            return Outcome::Sent;
-        }
-        if status.as_u16() == 429 || status.is_server_error() {
-            let after = response
-                .headers()
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(|secs| Duration::from_secs(secs).min(MAX_RETRY_AFTER));
-            return Outcome::Retry {
-                reason: format!("HTTP {}", status.as_u16()),
-                after,
-            };
-        }
-        let mut body = Vec::new();
-        while body.len() < BODY_SHOWN_BYTES {
-            match response.chunk().await {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                _ => break,
-            }
-        }
-        body.truncate(BODY_SHOWN_BYTES);
-        Outcome::Refused {
-            status: status.as_u16(),
-            body: String::from_utf8_lossy(&body).into_owned(),
-        }
-    }
-}
-
-/// Runs `f` on the store off the async threads (redb commits fsync).
-async fn on_store<T: Send + 'static>(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    let store = store.clone();
-    match tokio::task::spawn_blocking(move || f(&store)).await {
-        Ok(result) => result,
-        Err(e) => Err(StoreError::Database(Box::new(redb::Error::Io(
-            std::io::Error::other(e.to_string()),
-        )))),
+        http_send::send(request).await
     }
 }
 
@@ -249,18 +167,11 @@ pub(crate) async fn run(
     }
 }
 
-/// Sleeps `wait`; returns whether `shutdown` came first.
-async fn pause(wait: Duration, shutdown: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = shutdown.cancelled() => true,
-        _ = tokio::time::sleep(wait) => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::OutboxLimit;
+    use std::time::Duration;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;

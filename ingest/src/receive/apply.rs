@@ -65,18 +65,19 @@ use rumqttc::Publish;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use super::reject::{short_name, RejectLog, RejectReason};
 use super::Inbound;
 use crate::config::NoticeSettings;
 use crate::detect::{DataLoss, GatewayDetector, Rule};
+use crate::emit::influx::{self, Chunks, MeterIndex, Rendering};
 use crate::emit::notice::{Alert, AlertKind, ReplaySummary};
 use crate::emit::{self, Publisher};
 use crate::stats::{Stats, WebhookCounter};
 use crate::store::{
-    Committed, GatewayCommit, GatewayCounters, NoticeContext, OutboxLimit, Produced, Queued, Store,
-    StoreError,
+    Committed, GatewayCommit, GatewayCounters, InfluxCommit, NoticeContext, OutboxLimit, Produced,
+    Queued, Store, StoreError,
 };
 use crate::IngestError;
 
@@ -88,6 +89,7 @@ pub(crate) const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 struct GatewayState {
     site: Arc<Site>,
+    meters: Arc<MeterIndex>,
     detector: GatewayDetector,
     last_seq: Option<u64>,
 }
@@ -101,6 +103,8 @@ pub(crate) struct Applier {
     store: Arc<Store>,
     /// Every webhook's outbox, written with the events.
     webhooks: Arc<[OutboxLimit]>,
+    /// The InfluxDB lines to write with the events, when configured.
+    influx: Option<Rendering>,
 }
 
 /// One gateway's part of a group: a copy of its state, advanced batch by
@@ -108,6 +112,7 @@ pub(crate) struct Applier {
 pub(crate) struct Work {
     pub(crate) gateway: String,
     site: Arc<Site>,
+    meters: Arc<MeterIndex>,
     detector: GatewayDetector,
     /// Running `last_seq`.
     pub(crate) last_seq: Option<u64>,
@@ -126,6 +131,7 @@ pub(crate) struct Group {
     batches: Vec<(usize, Batch)>,
     store: Arc<Store>,
     webhooks: Arc<[OutboxLimit]>,
+    influx: Option<Rendering>,
 }
 
 /// What applying a group did. `committed` is `Ok` with the changed events
@@ -154,6 +160,7 @@ impl Applier {
         let mut gateways = HashMap::new();
         for site in sites {
             let site = Arc::new(site.clone());
+            let meters = Arc::new(MeterIndex::of(&site));
             for gateway in &site.gateways {
                 let id = gateway.id.as_str();
                 let detector = match store.detector_snapshot(id)? {
@@ -171,6 +178,7 @@ impl Applier {
                     id.to_string(),
                     GatewayState {
                         site: site.clone(),
+                        meters: meters.clone(),
                         detector,
                         last_seq,
                     },
@@ -182,7 +190,14 @@ impl Applier {
             gateways,
             store,
             webhooks: webhooks.into(),
+            influx: None,
         })
+    }
+
+    /// Writes InfluxDB lines with every commit from now on.
+    pub(crate) fn with_influx(mut self, rendering: Rendering) -> Applier {
+        self.influx = Some(rendering);
+        self
     }
 
     pub(crate) fn knows(&self, gateway: &str) -> bool {
@@ -215,6 +230,7 @@ impl Applier {
                     works.push(Work {
                         gateway: batch.gateway.clone(),
                         site: state.site.clone(),
+                        meters: state.meters.clone(),
                         detector: state.detector.clone(),
                         last_seq: state.last_seq,
                         counters: GatewayCounters::default(),
@@ -232,6 +248,7 @@ impl Applier {
             batches: indexed,
             store: self.store.clone(),
             webhooks: self.webhooks.clone(),
+            influx: self.influx,
         }
     }
 
@@ -272,8 +289,10 @@ impl Group {
             batches,
             store,
             webhooks,
+            influx,
         } = self;
         let mut events: Vec<Produced> = Vec::new();
+        let mut readings = Chunks::default();
         for (index, batch) in batches {
             let work = &mut works[index];
             let seq = batch.seq;
@@ -299,6 +318,16 @@ impl Group {
                 event,
                 data_time_ms,
             }));
+            if let Some(rendering) = influx.as_ref().filter(|r| r.readings) {
+                influx::push_readings(
+                    &mut readings,
+                    rendering,
+                    &work.site,
+                    &work.meters,
+                    &work.gateway,
+                    &batch.samples,
+                );
+            }
             if !loss.is_none() {
                 work.losses.push((seq, loss));
             }
@@ -339,7 +368,11 @@ impl Group {
                 wall_now_ms,
                 historical_lag_ms,
             };
-            store.commit_group(&commits, &events, notices)
+            let influx = influx.as_ref().map(|rendering| InfluxCommit {
+                rendering,
+                readings: &readings,
+            });
+            store.commit_group(&commits, &events, notices, influx)
         };
         GroupOutcome { works, committed }
     }
@@ -377,10 +410,21 @@ pub(crate) struct ApplyTask {
     notices: NoticeSettings,
     /// Notified after every commit that queued webhook notices.
     outbox_changed: Arc<Notify>,
+    /// The InfluxDB outbox's bound, when InfluxDB is written.
+    influx: Option<InfluxGate>,
     /// Per gateway: when its last valid batch arrived, and its raised alert.
     liveness: HashMap<String, Liveness>,
     /// Gateways with a pending replay summary: when it last grew.
     replays: HashMap<String, Instant>,
+}
+
+/// Holds batches back while the InfluxDB outbox is full.
+struct InfluxGate {
+    max_outbox_bytes: u64,
+    /// Notified after every commit that queued lines (wakes the writer).
+    changed: Arc<Notify>,
+    /// The outbox was full at the last group (for one log line per episode).
+    full: bool,
 }
 
 struct Liveness {
@@ -431,9 +475,47 @@ impl ApplyTask {
             clock,
             notices,
             outbox_changed,
+            influx: None,
             liveness,
             replays,
         })
+    }
+
+    /// Applies no batch while the InfluxDB outbox holds `max_outbox_bytes`
+    /// (the applier must render InfluxDB lines, see
+    /// [`Applier::with_influx`]); wakes `changed` after every commit that
+    /// queued lines.
+    pub(crate) fn with_influx(mut self, max_outbox_bytes: u64, changed: Arc<Notify>) -> ApplyTask {
+        self.influx = Some(InfluxGate {
+            max_outbox_bytes,
+            changed,
+            full: false,
+        });
+        self
+    }
+
+    /// Whether the InfluxDB outbox has room for a group; logs when that
+    /// changes.
+    fn influx_has_room(&mut self) -> bool {
+        let Some(gate) = &mut self.influx else {
+            return true;
+        };
+        let bytes = self.applier.store.influx_outbox_bytes();
+        let full = bytes >= gate.max_outbox_bytes;
+        match (gate.full, full) {
+            (false, true) => warn!(
+                outbox_bytes = bytes,
+                max_outbox_bytes = gate.max_outbox_bytes,
+                "InfluxDB outbox is full: applying and acking no batch until it drains; the gateways keep their data."
+            ),
+            (true, false) => info!(
+                outbox_bytes = bytes,
+                "InfluxDB outbox has room again: applying batches."
+            ),
+            _ => {}
+        }
+        gate.full = full;
+        !full
     }
 
     /// How often [`ApplyTask::tick`] runs: a quarter of the shortest of its
@@ -676,6 +758,12 @@ impl ApplyTask {
 
     async fn apply_group(&mut self, batches: Vec<Batch>) {
         let count = batches.len() as u64;
+        if !self.influx_has_room() {
+            // Not applied, so not acked: each gateway sends these again
+            // after its ack timeout.
+            self.stats.add(|s| &s.batches_deferred, count);
+            return;
+        }
         let group = self.applier.prepare(batches);
         let now_ms = self.clock.now_ms();
         let lag_ms = self.notices.historical_lag.as_millis() as i64;
@@ -749,6 +837,13 @@ impl ApplyTask {
         let historical = changes.iter().filter(|c| c.historical_notice).count() as u64;
         self.stats.add(|s| &s.notices_historical, historical);
         self.count_queued(&committed.queued);
+        if committed.influx_lines > 0 {
+            self.stats
+                .add(|s| &s.influx_lines_queued, committed.influx_lines);
+            if let Some(gate) = &self.influx {
+                gate.changed.notify_waiters();
+            }
+        }
         let now = Instant::now();
         for change in changes.iter().filter(|c| c.historical_notice && c.opened) {
             self.replays.insert(change.event.gateway.clone(), now);

@@ -13,6 +13,7 @@
 //! | `outbox_next` | webhook       | u64, the `n` of the next notice         |
 //! | `replay`   | gateway          | JSON, the pending replay summary        |
 //! | `alerts`   | gateway          | i64, silent since (ms), while raised    |
+//! | `influx_outbox` | n           | (precision, lines, line protocol), see `influx` |
 //!
 //! **Notices commit with what they tell.** The webhook notices of the event
 //! changes of a group, and the replay summaries those changes add to or
@@ -23,6 +24,10 @@
 //! form one contiguous run `head..next` and are sent in that order. A crash
 //! after a commit loses no notice; one sent but not yet removed is sent again
 //! with the same idempotency key.
+//!
+//! **Points commit with what they record**, in the same way: the InfluxDB
+//! lines of a group's readings and event changes are appended to
+//! `influx_outbox` in the group's transaction (see `influx`).
 //!
 //! **Invariant: the `last_seq`, the detector state, the events and the
 //! counters of a batch commit together, in one write transaction
@@ -44,13 +49,20 @@
 //! (the ingest's `run` drops its store before returning, so the demo and
 //! tests open the file after it).
 
+mod influx;
+
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use facwatch_proto::site::Site;
 use redb::{Database, ReadableTable, TableDefinition};
 
 use crate::detect::{Event, EventStatus, SnapshotError};
+use crate::emit::influx::{self as influx_lines, Chunks, Rendering};
 use crate::emit::notice::{self, Notice, ReplaySummary, Route};
+
+pub use influx::InfluxOutboxDepth;
+pub(crate) use influx::InfluxWrite;
 
 /// Version of the table layout above; a store of another format is refused.
 pub const STORE_FORMAT: u64 = 1;
@@ -142,6 +154,14 @@ pub(crate) struct OutboxLimit {
     pub(crate) max_queue: u64,
 }
 
+/// The InfluxDB lines of a commit: the readings rendered while applying,
+/// and how to render the event changes the commit finds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InfluxCommit<'a> {
+    pub(crate) rendering: &'a Rendering,
+    pub(crate) readings: &'a Chunks,
+}
+
 /// What decides the notices of a commit.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct NoticeContext<'a> {
@@ -179,6 +199,9 @@ pub(crate) struct Committed {
     /// Replay summaries completed (and queued) by this commit.
     pub(crate) summaries: Vec<ReplaySummary>,
     pub(crate) queued: Queued,
+    /// Lines queued for InfluxDB, and their bytes.
+    pub(crate) influx_lines: u64,
+    pub(crate) influx_bytes_added: u64,
 }
 
 /// The first notice of a webhook's outbox.
@@ -202,6 +225,11 @@ pub(crate) struct EventChange {
 
 pub struct Store {
     db: Database,
+    /// `meta["influx_outbox_bytes"]`, kept by adding what each commit
+    /// appended and subtracting what each removal took, after the commit:
+    /// the sum is exact once both are done, whatever their order (see
+    /// `influx`).
+    influx_bytes: AtomicI64,
     /// Test seam: the next commit fails before writing anything.
     #[cfg(test)]
     fail_next_commit: std::sync::atomic::AtomicBool,
@@ -248,10 +276,14 @@ impl Store {
                 .map_err(|e| open_error(e.into()))?;
             tx.open_table(REPLAY).map_err(|e| open_error(e.into()))?;
             tx.open_table(ALERTS).map_err(|e| open_error(e.into()))?;
+            tx.open_table(influx::INFLUX_OUTBOX)
+                .map_err(|e| open_error(e.into()))?;
         }
+        let influx_bytes = influx::stored_bytes(&tx)?;
         tx.commit().map_err(|e| open_error(e.into()))?;
         Ok(Store {
             db,
+            influx_bytes: AtomicI64::new(influx_bytes as i64),
             #[cfg(test)]
             fail_next_commit: Default::default(),
         })
@@ -318,13 +350,15 @@ impl Store {
     /// counters; `events` in the order they were produced; the notices of
     /// the changed events (live ones to every webhook's outbox, historical
     /// ones into their gateway's pending replay summary); and the replay
-    /// summaries that a live gateway completes. On an error nothing is
+    /// summaries that a live gateway completes; with `influx`, the lines of
+    /// the readings and of the changed events. On an error nothing is
     /// written.
     pub(crate) fn commit_group(
         &self,
         gateways: &[GatewayCommit<'_>],
         events: &[Produced],
         notices: NoticeContext<'_>,
+        influx: Option<InfluxCommit<'_>>,
     ) -> Result<Committed, StoreError> {
         #[cfg(test)]
         if self
@@ -370,6 +404,7 @@ impl Store {
 
             let mut stored = tx.open_table(EVENTS).map_err(db)?;
             let mut outbox = Outbox::open(&tx, notices.webhooks)?;
+            let mut event_lines = Chunks::default();
             let mut replay = tx.open_table(REPLAY).map_err(db)?;
             for Produced {
                 event,
@@ -418,6 +453,11 @@ impl Store {
                     }
                     _ => {}
                 }
+                if let Some(InfluxCommit { rendering, .. }) = influx {
+                    if rendering.events {
+                        influx_lines::push_event(&mut event_lines, rendering, event);
+                    }
+                }
                 committed.changes.push(EventChange {
                     event: event.clone(),
                     opened,
@@ -440,8 +480,23 @@ impl Store {
                     committed.summaries.push(summary);
                 }
             }
+
+            if let Some(InfluxCommit {
+                rendering,
+                readings,
+            }) = influx
+            {
+                let mut added = influx::append(&tx, readings, rendering.precision)?;
+                added += influx::append(&tx, &event_lines, rendering.precision)?;
+                committed.influx_lines = readings.lines() + event_lines.lines();
+                committed.influx_bytes_added = added;
+            }
         }
         tx.commit().map_err(db)?;
+        if committed.influx_bytes_added > 0 {
+            self.influx_bytes
+                .fetch_add(committed.influx_bytes_added as i64, Ordering::AcqRel);
+        }
         Ok(committed)
     }
 
@@ -710,7 +765,7 @@ mod tests {
 
             assert_eq!(
                 store
-                    .commit_group(&[applied("gw-a", 1, 3, b"s1")], &[], NO_NOTICES)
+                    .commit_group(&[applied("gw-a", 1, 3, b"s1")], &[], NO_NOTICES, None)
                     .unwrap(),
                 Committed::default()
             );
@@ -720,12 +775,17 @@ mod tests {
             third.counters.samples_dropped_by_gateway = 7;
             // One transaction for two gateways.
             store
-                .commit_group(&[third, applied("gw-c", 9, 4, b"c9")], &[], NO_NOTICES)
+                .commit_group(
+                    &[third, applied("gw-c", 9, 4, b"c9")],
+                    &[],
+                    NO_NOTICES,
+                    None,
+                )
                 .unwrap();
             // A failed commit writes nothing.
             store.fail_next_commit();
             assert!(store
-                .commit_group(&[applied("gw-a", 4, 1, b"s4")], &[], NO_NOTICES)
+                .commit_group(&[applied("gw-a", 4, 1, b"s4")], &[], NO_NOTICES, None)
                 .is_err());
         }
         let store = Store::open(&path).unwrap();

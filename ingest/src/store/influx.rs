@@ -1,0 +1,265 @@
+//! The InfluxDB outbox: line protocol waiting for the writer.
+//!
+//! Table `influx_outbox`: key n (u64, from 0, contiguous from the head),
+//! value (precision code, line count, text). Entries are appended by
+//! `Store::commit_group` in the transaction that applies their batches,
+//! and removed only from the head, after the server took them (or refused
+//! them for good). `meta["influx_outbox_bytes"]` is the sum of the texts'
+//! lengths, updated in the same transactions; [`Store`] mirrors it in an
+//! atomic (each commit adds what it appended, each removal subtracts what
+//! it took, after committing), read without a transaction by the apply
+//! task before each group.
+
+use std::sync::atomic::Ordering;
+
+use redb::{ReadableTable, TableDefinition};
+
+use super::{db, Store, StoreError, META};
+use crate::config::Precision;
+use crate::emit::influx::Chunks;
+
+pub(super) const INFLUX_OUTBOX: TableDefinition<u64, (u8, u32, &[u8])> =
+    TableDefinition::new("influx_outbox");
+pub(super) const OUTBOX_BYTES: &str = "influx_outbox_bytes";
+
+fn code(precision: Precision) -> u8 {
+    match precision {
+        Precision::Seconds => 0,
+        Precision::Milliseconds => 1,
+        Precision::Microseconds => 2,
+        Precision::Nanoseconds => 3,
+    }
+}
+
+fn precision_of(code: u8) -> Option<Precision> {
+    Some(match code {
+        0 => Precision::Seconds,
+        1 => Precision::Milliseconds,
+        2 => Precision::Microseconds,
+        3 => Precision::Nanoseconds,
+        _ => return None,
+    })
+}
+
+/// One write request's worth of the outbox's head.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InfluxWrite {
+    /// The last entry it holds (the first is the head).
+    pub(crate) last: u64,
+    pub(crate) precision: Precision,
+    pub(crate) lines: u64,
+    pub(crate) body: Vec<u8>,
+}
+
+/// What the outbox holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InfluxOutboxDepth {
+    pub entries: u64,
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+/// Appends `chunks` (of `precision`) to the outbox inside `tx`; returns the
+/// bytes added.
+pub(super) fn append(
+    tx: &redb::WriteTransaction,
+    chunks: &Chunks,
+    precision: Precision,
+) -> Result<u64, StoreError> {
+    let entries: Vec<_> = chunks.entries.iter().filter(|c| c.lines > 0).collect();
+    if entries.is_empty() {
+        return Ok(0);
+    }
+    let mut table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
+    let next = table
+        .last()
+        .map_err(db)?
+        .map_or(0, |(key, _)| key.value() + 1);
+    let mut added = 0;
+    for (key, chunk) in (next..).zip(entries) {
+        table
+            .insert(key, (code(precision), chunk.lines, chunk.text.as_slice()))
+            .map_err(db)?;
+        added += chunk.text.len() as u64;
+    }
+    let mut meta = tx.open_table(META).map_err(db)?;
+    let before = meta.get(OUTBOX_BYTES).map_err(db)?.map_or(0, |v| v.value());
+    meta.insert(OUTBOX_BYTES, before + added).map_err(db)?;
+    Ok(added)
+}
+
+/// The outbox's byte count as stored (at open).
+pub(super) fn stored_bytes(tx: &redb::WriteTransaction) -> Result<u64, StoreError> {
+    let meta = tx.open_table(META).map_err(db)?;
+    let bytes = meta.get(OUTBOX_BYTES).map_err(db)?.map_or(0, |v| v.value());
+    Ok(bytes)
+}
+
+impl Store {
+    /// Bytes of line protocol in the outbox (committed state).
+    pub fn influx_outbox_bytes(&self) -> u64 {
+        self.influx_bytes.load(Ordering::Acquire).max(0) as u64
+    }
+
+    /// Entries, lines and bytes in the outbox.
+    pub fn influx_outbox_depth(&self) -> Result<InfluxOutboxDepth, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
+        let mut depth = InfluxOutboxDepth::default();
+        for entry in table.iter().map_err(db)? {
+            let (_, value) = entry.map_err(db)?;
+            let (_, lines, text) = value.value();
+            depth.entries += 1;
+            depth.lines += u64::from(lines);
+            depth.bytes += text.len() as u64;
+        }
+        Ok(depth)
+    }
+
+    /// The head of the outbox as one request: entries of the head's
+    /// precision, at least one, and more while the lines stay within
+    /// `max_lines`. `None` when empty.
+    pub(crate) fn influx_head(&self, max_lines: usize) -> Result<Option<InfluxWrite>, StoreError> {
+        let tx = self.db.begin_read().map_err(db)?;
+        let table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
+        let mut write: Option<InfluxWrite> = None;
+        for entry in table.iter().map_err(db)? {
+            let (key, value) = entry.map_err(db)?;
+            let (code, lines, text) = value.value();
+            // An unknown code cannot be written by this build; sent as ms
+            // rather than blocking the outbox.
+            let precision = precision_of(code).unwrap_or(Precision::Milliseconds);
+            match &mut write {
+                None => {
+                    write = Some(InfluxWrite {
+                        last: key.value(),
+                        precision,
+                        lines: u64::from(lines),
+                        body: text.to_vec(),
+                    })
+                }
+                Some(w) => {
+                    if w.precision != precision || w.lines + u64::from(lines) > max_lines as u64 {
+                        break;
+                    }
+                    w.last = key.value();
+                    w.lines += u64::from(lines);
+                    w.body.extend_from_slice(text);
+                }
+            }
+        }
+        Ok(write)
+    }
+
+    /// Removes the entries up to `through` (written or refused).
+    pub(crate) fn influx_remove(&self, through: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(db)?;
+        let removed = {
+            let mut table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
+            let mut removed = 0u64;
+            let mut keys = Vec::new();
+            for entry in table.range(..=through).map_err(db)? {
+                let (key, value) = entry.map_err(db)?;
+                keys.push(key.value());
+                removed += value.value().2.len() as u64;
+            }
+            for key in keys {
+                table.remove(key).map_err(db)?;
+            }
+            let mut meta = tx.open_table(META).map_err(db)?;
+            let before = meta.get(OUTBOX_BYTES).map_err(db)?.map_or(0, |v| v.value());
+            meta.insert(OUTBOX_BYTES, before.saturating_sub(removed))
+                .map_err(db)?;
+            removed
+        };
+        tx.commit().map_err(db)?;
+        self.influx_bytes
+            .fetch_sub(removed as i64, Ordering::AcqRel);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emit::influx::Chunk;
+
+    fn chunks(texts: &[&str]) -> Chunks {
+        Chunks {
+            entries: texts
+                .iter()
+                .map(|t| Chunk {
+                    lines: t.lines().count() as u32,
+                    text: t.as_bytes().to_vec(),
+                })
+                .collect(),
+        }
+    }
+
+    fn append_now(store: &Store, texts: &[&str], precision: Precision) {
+        let tx = store.db.begin_write().unwrap();
+        let added = append(&tx, &chunks(texts), precision).unwrap();
+        tx.commit().unwrap();
+        store.influx_bytes.fetch_add(added as i64, Ordering::AcqRel);
+    }
+
+    #[test]
+    fn the_head_joins_entries_of_one_precision_within_the_line_limit_and_removal_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingest.redb");
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.influx_head(10).unwrap(), None);
+        append_now(&store, &["a 1\nb 2\n", "c 3\n"], Precision::Milliseconds);
+        append_now(&store, &["d 4\ne 5\n"], Precision::Milliseconds);
+        append_now(&store, &["f 6\n"], Precision::Seconds);
+        assert_eq!(store.influx_outbox_bytes(), 24);
+        assert_eq!(
+            store.influx_outbox_depth().unwrap(),
+            InfluxOutboxDepth {
+                entries: 4,
+                lines: 6,
+                bytes: 24
+            }
+        );
+
+        // Three lines fit, the fourth entry's two would not.
+        let head = store.influx_head(4).unwrap().unwrap();
+        assert_eq!(
+            head,
+            InfluxWrite {
+                last: 1,
+                precision: Precision::Milliseconds,
+                lines: 3,
+                body: b"a 1\nb 2\nc 3\n".to_vec(),
+            }
+        );
+        // An entry larger than the limit still goes, alone.
+        assert_eq!(store.influx_head(1).unwrap().unwrap().lines, 2);
+        store.influx_remove(head.last).unwrap();
+        assert_eq!(store.influx_outbox_bytes(), 12);
+
+        // Another precision is another request.
+        let head = store.influx_head(100).unwrap().unwrap();
+        assert_eq!((head.last, head.lines), (2, 2));
+        store.influx_remove(head.last).unwrap();
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.influx_outbox_bytes(), 4);
+        let head = store.influx_head(100).unwrap().unwrap();
+        assert_eq!(
+            (head.last, head.precision, head.body.as_slice()),
+            (3, Precision::Seconds, &b"f 6\n"[..])
+        );
+        // Numbering goes on after the last entry, never reusing a number
+        // still in the outbox.
+        append_now(&store, &["g 7\n"], Precision::Seconds);
+        assert_eq!(store.influx_head(100).unwrap().unwrap().last, 4);
+        store.influx_remove(4).unwrap();
+        assert_eq!(
+            store.influx_outbox_depth().unwrap(),
+            InfluxOutboxDepth::default()
+        );
+        assert_eq!(store.influx_outbox_bytes(), 0);
+    }
+}
