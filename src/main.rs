@@ -30,6 +30,10 @@ struct Args {
     /// directory.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Serve the ingest's HTTP API on ADDR (IP:PORT) during the day and,
+    /// after it, until interrupted (Ctrl-C), e.g. 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -121,6 +125,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     );
     let options = Options {
         time_scale: args.time_scale,
+        http: args.serve,
         ..Options::default()
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -154,5 +159,35 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         outcome.samples_applied,
         outcome.samples_produced
     );
+    if let Some(addr) = args.serve {
+        serve(outcome.ingest, addr).await?;
+    }
+    Ok(())
+}
+
+/// Runs the ingest again over the day's store, on the wall clock, so its
+/// HTTP API answers until SIGINT or SIGTERM.
+async fn serve(
+    mut settings: facwatch_ingest::Settings,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    settings.clock = facwatch_proto::clock::Clock::real();
+    settings.http = Some(facwatch_ingest::HttpSettings { listen: addr });
+    let stats = std::sync::Arc::new(facwatch_ingest::Stats::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let ingest = tokio::spawn(facwatch_ingest::run(
+        settings,
+        stats.clone(),
+        shutdown.clone(),
+    ));
+    eprintln!("facwatch demo: the ingest's HTTP API is at http://{addr} (Ctrl-C to stop), e.g. curl http://{addr}/api/v1/events");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    shutdown.cancel();
+    ingest.await??;
     Ok(())
 }

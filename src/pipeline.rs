@@ -37,6 +37,9 @@ pub struct Options {
     /// Stop the ingest at the first virtual time and start it again (same
     /// store) at the second, while the gateway keeps polling.
     pub ingest_outage: Option<(i64, i64)>,
+    /// Serve the ingest's HTTP API here while the run goes on (see
+    /// [`Outcome::ingest`] to serve it on afterwards).
+    pub http: Option<std::net::SocketAddr>,
 }
 
 /// What the caller hears while the run goes on.
@@ -66,6 +69,9 @@ pub struct Outcome {
     pub samples_applied: u64,
     pub batches_applied: u64,
     pub wall: Duration,
+    /// The ingest's settings (store, broker, HTTP API), to run it again
+    /// over the same store after the day.
+    pub ingest: facwatch_ingest::Settings,
 }
 
 /// Runs `scenario` through simulator, gateway, embedded broker and ingest,
@@ -128,6 +134,9 @@ pub async fn run(
             },
         )?;
         s.clock = clock;
+        s.http = options
+            .http
+            .map(|listen| facwatch_ingest::HttpSettings { listen });
         s
     };
     let ingest_stats = Arc::new(facwatch_ingest::Stats::default());
@@ -237,6 +246,7 @@ pub async fn run(
         samples_applied,
         batches_applied,
         wall: started.elapsed(),
+        ingest: ingest_settings,
     })
 }
 

@@ -368,7 +368,7 @@ async fn every_reading_and_event_change_reaches_influxdb_once_and_in_order() {
         ingest.task.await.unwrap().unwrap();
         let store = Store::open(&dir.path().join("ingest.redb")).unwrap();
         assert_eq!(store.influx_outbox_bytes(), 0);
-        assert_eq!(store.influx_outbox_depth().unwrap().entries, 0);
+        assert_eq!(store.influx_outbox_depth().unwrap().lines, 0);
         // The event comes after the readings of its batch, keyed by its
         // start (the last sample before the loss).
         let events = store.events().unwrap();

@@ -164,6 +164,17 @@ impl Plant {
 
     /// Writes an ingest config and returns its path.
     pub(crate) fn ingest_config(&self, name: &str, store: &Path, broker: &Broker) -> PathBuf {
+        self.ingest_config_with(name, store, broker, "")
+    }
+
+    /// [`Plant::ingest_config`] with `extra` (TOML tables) at its end.
+    pub(crate) fn ingest_config_with(
+        &self,
+        name: &str,
+        store: &Path,
+        broker: &Broker,
+        extra: &str,
+    ) -> PathBuf {
         let mut text = format!(
             "sites_dir = {:?}\nstore_path = {store:?}\n\n[broker]\n",
             self.sites
@@ -186,6 +197,7 @@ impl Plant {
         {
             writeln!(text, "username = {user:?}\npassword = {password:?}").unwrap();
         }
+        text.push_str(extra);
         let path = self.path(&format!("{name}.ingest.toml"));
         std::fs::write(&path, text).expect("writing the ingest config");
         path

@@ -372,3 +372,36 @@ pub(crate) fn multiplier(field: &Field, ratios: Ratios) -> f64 {
             RatioUse::CtPt => ratios.ct * ratios.pt,
         }
 }
+
+/// One HTTP/1.0 request to `address` (so the answer is neither chunked nor
+/// kept alive), bounded by [`RUN_TIMEOUT`]: (status, body). For talking to
+/// servers the tests start (VictoriaMetrics, the ingest's API) without an
+/// HTTP client crate.
+pub(crate) fn http(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    use std::io::Write;
+    let mut stream = TcpStream::connect_timeout(&address, RUN_TIMEOUT)?;
+    stream.set_read_timeout(Some(RUN_TIMEOUT))?;
+    stream.set_write_timeout(Some(RUN_TIMEOUT))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {address}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    let answer = String::from_utf8_lossy(&answer);
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {head:?}")))?;
+    Ok((status, body.to_string()))
+}

@@ -4,8 +4,9 @@
 //! value (precision code, line count, text). Entries are appended by
 //! `Store::commit_group` in the transaction that applies their batches,
 //! and removed only from the head, after the server took them (or refused
-//! them for good). `meta["influx_outbox_bytes"]` is the sum of the texts'
-//! lengths, updated in the same transactions; [`Store`] mirrors it in an
+//! them for good). `meta["influx_outbox_bytes"]` and
+//! `meta["influx_outbox_lines"]` are the sums of the texts' lengths and
+//! line counts, updated in the same transactions; [`Store`] mirrors it in an
 //! atomic (each commit adds what it appended, each removal subtracts what
 //! it took, after committing), read without a transaction by the apply
 //! task before each group.
@@ -21,6 +22,7 @@ use crate::emit::influx::Chunks;
 pub(super) const INFLUX_OUTBOX: TableDefinition<u64, (u8, u32, &[u8])> =
     TableDefinition::new("influx_outbox");
 pub(super) const OUTBOX_BYTES: &str = "influx_outbox_bytes";
+pub(super) const OUTBOX_LINES: &str = "influx_outbox_lines";
 
 fn code(precision: Precision) -> u8 {
     match precision {
@@ -54,9 +56,19 @@ pub(crate) struct InfluxWrite {
 /// What the outbox holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InfluxOutboxDepth {
-    pub entries: u64,
     pub lines: u64,
     pub bytes: u64,
+}
+
+/// Adds `lines` and `bytes` (negative to take away) to the stored sums.
+fn add_to_sums(tx: &redb::WriteTransaction, lines: i64, bytes: i64) -> Result<(), StoreError> {
+    let mut meta = tx.open_table(META).map_err(db)?;
+    for (key, delta) in [(OUTBOX_LINES, lines), (OUTBOX_BYTES, bytes)] {
+        let before = meta.get(key).map_err(db)?.map_or(0, |v| v.value());
+        meta.insert(key, before.saturating_add_signed(delta))
+            .map_err(db)?;
+    }
+    Ok(())
 }
 
 /// Appends `chunks` (of `precision`) to the outbox inside `tx`; returns the
@@ -75,16 +87,15 @@ pub(super) fn append(
         .last()
         .map_err(db)?
         .map_or(0, |(key, _)| key.value() + 1);
-    let mut added = 0;
+    let (mut lines, mut added) = (0u64, 0u64);
     for (key, chunk) in (next..).zip(entries) {
         table
             .insert(key, (code(precision), chunk.lines, chunk.text.as_slice()))
             .map_err(db)?;
+        lines += u64::from(chunk.lines);
         added += chunk.text.len() as u64;
     }
-    let mut meta = tx.open_table(META).map_err(db)?;
-    let before = meta.get(OUTBOX_BYTES).map_err(db)?.map_or(0, |v| v.value());
-    meta.insert(OUTBOX_BYTES, before + added).map_err(db)?;
+    add_to_sums(tx, lines as i64, added as i64)?;
     Ok(added)
 }
 
@@ -101,19 +112,17 @@ impl Store {
         self.influx_bytes.load(Ordering::Acquire).max(0) as u64
     }
 
-    /// Entries, lines and bytes in the outbox.
+    /// Lines and bytes in the outbox (committed state).
     pub fn influx_outbox_depth(&self) -> Result<InfluxOutboxDepth, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
-        let table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
-        let mut depth = InfluxOutboxDepth::default();
-        for entry in table.iter().map_err(db)? {
-            let (_, value) = entry.map_err(db)?;
-            let (_, lines, text) = value.value();
-            depth.entries += 1;
-            depth.lines += u64::from(lines);
-            depth.bytes += text.len() as u64;
-        }
-        Ok(depth)
+        let meta = tx.open_table(META).map_err(db)?;
+        let get = |key: &str| -> Result<u64, StoreError> {
+            Ok(meta.get(key).map_err(db)?.map_or(0, |v| v.value()))
+        };
+        Ok(InfluxOutboxDepth {
+            lines: get(OUTBOX_LINES)?,
+            bytes: get(OUTBOX_BYTES)?,
+        })
     }
 
     /// The head of the outbox as one request: entries of the head's
@@ -156,20 +165,18 @@ impl Store {
         let tx = self.db.begin_write().map_err(db)?;
         let removed = {
             let mut table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
-            let mut removed = 0u64;
+            let (mut lines, mut removed) = (0u64, 0u64);
             let mut keys = Vec::new();
             for entry in table.range(..=through).map_err(db)? {
                 let (key, value) = entry.map_err(db)?;
                 keys.push(key.value());
+                lines += u64::from(value.value().1);
                 removed += value.value().2.len() as u64;
             }
             for key in keys {
                 table.remove(key).map_err(db)?;
             }
-            let mut meta = tx.open_table(META).map_err(db)?;
-            let before = meta.get(OUTBOX_BYTES).map_err(db)?.map_or(0, |v| v.value());
-            meta.insert(OUTBOX_BYTES, before.saturating_sub(removed))
-                .map_err(db)?;
+            add_to_sums(&tx, -(lines as i64), -(removed as i64))?;
             removed
         };
         tx.commit().map_err(db)?;
@@ -216,7 +223,6 @@ mod tests {
         assert_eq!(
             store.influx_outbox_depth().unwrap(),
             InfluxOutboxDepth {
-                entries: 4,
                 lines: 6,
                 bytes: 24
             }
@@ -237,6 +243,13 @@ mod tests {
         assert_eq!(store.influx_head(1).unwrap().unwrap().lines, 2);
         store.influx_remove(head.last).unwrap();
         assert_eq!(store.influx_outbox_bytes(), 12);
+        assert_eq!(
+            store.influx_outbox_depth().unwrap(),
+            InfluxOutboxDepth {
+                lines: 3,
+                bytes: 12
+            }
+        );
 
         // Another precision is another request.
         let head = store.influx_head(100).unwrap().unwrap();
