@@ -328,6 +328,24 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_lists_every_family_with_its_type() {
+        let readme = include_str!("../../../README.md");
+        let text = render(&StatsSnapshot::default(), &[]);
+        for declared in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = declared.split_once(' ').unwrap();
+            let row = readme
+                .lines()
+                .find(|l| {
+                    l.strip_prefix("| `")
+                        .and_then(|rest| rest.strip_prefix(name))
+                        .is_some_and(|rest| rest.starts_with('`') || rest.starts_with('{'))
+                })
+                .unwrap_or_else(|| panic!("README has no row for {name}"));
+            assert!(row.contains(&format!("` | {kind} | ")), "{row}");
+        }
+    }
+
+    #[test]
     fn without_webhooks_the_gauge_family_has_no_series() {
         let text = render(&StatsSnapshot::default(), &[]);
         assert!(text.ends_with("# TYPE facwatch_ingest_webhook_outbox_depth gauge\n"));
