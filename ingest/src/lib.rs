@@ -167,11 +167,7 @@ pub async fn run(
         ))
     });
     let http_server = http_listener.map(|listener| {
-        let api = http::Api {
-            store: store.clone(),
-            stats: stats.clone(),
-            sites: Arc::new(settings.sites.clone()),
-        };
+        let api = http::Api::new(store.clone(), stats.clone(), &settings);
         if let Ok(addr) = listener.local_addr() {
             info!(addr = %addr, "HTTP API listening.");
         }

@@ -3,8 +3,9 @@
 //! pagination, parameter errors, sites, health, readiness and metrics.
 //! Every wait is on a counter or a response, bounded by [`LIMIT`].
 
+mod api;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use facwatch_ingest::broker::{start_embedded, MAX_PACKET_BYTES};
 use facwatch_ingest::{HttpSettings, MqttSettings, Settings, Stats};
@@ -16,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-const LIMIT: Duration = Duration::from_secs(20);
+use api::{get, get_json, FedIngest, LIMIT};
 
 const SITE: &str = r#"
 [site]
@@ -77,21 +78,6 @@ fn batch(seq: u64, samples: usize, dropped_before: u64) -> Batch {
             })
             .collect(),
     }
-}
-
-/// GET `path` on the API: (status, body).
-async fn get(client: &reqwest::Client, base: &str, path: &str) -> (u16, String) {
-    let response = timeout(LIMIT, client.get(format!("{base}{path}")).send())
-        .await
-        .expect("response in time")
-        .expect("response");
-    let status = response.status().as_u16();
-    (status, response.text().await.unwrap())
-}
-
-async fn get_json(client: &reqwest::Client, base: &str, path: &str) -> (u16, Value) {
-    let (status, body) = get(client, base, path).await;
-    (status, serde_json::from_str(&body).expect("a JSON body"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,8 +215,6 @@ async fn the_api_serves_events_sites_health_and_metrics() {
         for expected in [
             "facwatch_ingest_batches_applied_total 3",
             "facwatch_ingest_samples_applied_total 4",
-            "facwatch_ingest_events_total{change=\"opened\"} 2",
-            "facwatch_ingest_events_total{change=\"closed\"} 2",
             "facwatch_ingest_batches_rejected_total{reason=\"decode\"} 0",
         ] {
             assert!(lines.contains(&expected), "{expected} missing in\n{metrics}");
@@ -326,6 +310,233 @@ async fn readyz_is_503_while_the_broker_is_unreachable() {
         );
         shutdown.cancel();
         task.await.unwrap().unwrap();
+    })
+    .await
+    .expect("test finished in time");
+}
+
+/// Facility `id` of the plant as the status shows it.
+fn facility(
+    id: &str,
+    name: &str,
+    kind: &str,
+    role: &str,
+    state: &str,
+    kw: Value,
+    at: Value,
+) -> Value {
+    json!({
+        "id": id,
+        "name": name,
+        "kind": kind,
+        "role": role,
+        "state": state,
+        "last_power_kw": kw,
+        "last_sample_time": at,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_status_shows_facilities_open_events_and_gateways_from_the_store() {
+    timeout(LIMIT * 3, async {
+        let ingest = FedIngest::start().await;
+        let (status, body) = ingest.get_json("/api/v1/sites/plant/status").await;
+        assert_eq!(status, 200, "{body}");
+
+        // The open events are those of /api/v1/events, newest first.
+        let (_, open) = ingest.get_json("/api/v1/events?site=plant&open=true").await;
+        let open = open["events"].as_array().unwrap().clone();
+        assert_eq!(
+            open.iter().map(|e| e["rule"].as_str().unwrap()).collect::<Vec<_>>(),
+            ["R5", "R1"]
+        );
+        let (gateway_gap, r1) = (open[0].clone(), open[1].clone());
+        assert_eq!(
+            r1,
+            json!({
+                "id": "26b46bcde95b2befa22426a99afaa858",
+                "site": "plant",
+                "gateway": "gw-a",
+                "line": "line-a",
+                "rule": "R1",
+                "status": "open",
+                "start": "2022-12-13T14:00:00+08:00",
+                "end": null,
+                "duration_secs": null,
+                "facilities": ["a-fan"],
+                "historical": false,
+                "evidence": {
+                    "a-fan": { "min_kw": 0.0, "avg_kw": 0.0, "max_kw": 0.0 },
+                    "a-stenter": { "min_kw": 100.0, "avg_kw": 100.0, "max_kw": 100.0 },
+                },
+                "notice": {
+                    "en": "Plant, Line A: treatment equipment stopped while production ran. The alarm started at 2022-12-13 14:00 and has lasted 10 minutes so far, involving fans. Please check and restore in time.",
+                    "zh": "Plant，Line A：生产设施运行期间治污设施停运。报警开始于2022-12-13 14:00，已持续10分钟，涉及风机，请及时检查恢复。"
+                },
+            })
+        );
+        assert_eq!(gateway_gap["line"], "*");
+        assert_eq!(gateway_gap["gateway"], "gw-a");
+        assert_eq!(gateway_gap["start"], "2022-12-13T14:12:00+08:00");
+
+        let at_1412 = json!("2022-12-13T14:12:00+08:00");
+        let expected = json!({
+            "site": "plant",
+            "name": "Plant",
+            "time_zone": "Asia/Shanghai",
+            "gateways": [
+                {
+                    "id": "gw-a",
+                    "last_seq": 3,
+                    // Its meters timed out after 14:12: samples, not readings.
+                    "newest_sample_time": "2022-12-13T14:14:00+08:00",
+                    "open_events": [gateway_gap],
+                },
+                {
+                    "id": "gw-b",
+                    "last_seq": 1,
+                    "newest_sample_time": at_1412,
+                    "open_events": [],
+                },
+                // Never sent: no snapshot.
+                { "id": "gw-c", "last_seq": null, "newest_sample_time": null, "open_events": [] },
+            ],
+            "lines": [
+                {
+                    "id": "line-a",
+                    "name": "Line A",
+                    "gateway": "gw-a",
+                    // Silent past the stale span: unknown, never stopped, and
+                    // the last readings stay.
+                    "facilities": [
+                        facility("a-stenter", "Stenter A", "stenter", "production", "unknown", json!(100.0), at_1412.clone()),
+                        facility("a-fan", "Main fan A", "main_fan", "treatment", "unknown", json!(0.0), at_1412.clone()),
+                    ],
+                    "open_events": [r1],
+                },
+                {
+                    "id": "line-b",
+                    "name": "Line B",
+                    "gateway": "gw-b",
+                    "facilities": [
+                        facility("b-stenter", "b-stenter", "stenter", "production", "running", json!(100.0), at_1412.clone()),
+                        // 6 kW: above its start threshold, below 40 % of 22 kW.
+                        facility("b-fan", "b-fan", "main_fan", "treatment", "low_load", json!(6.0), at_1412.clone()),
+                    ],
+                    "open_events": [],
+                },
+                {
+                    "id": "line-c",
+                    "name": "Line C",
+                    "gateway": "gw-c",
+                    "facilities": [
+                        facility("c-boiler", "c-boiler", "boiler", "production", "unknown", Value::Null, Value::Null),
+                        facility("c-fan", "c-fan", "main_fan", "treatment", "unknown", Value::Null, Value::Null),
+                    ],
+                    "open_events": [],
+                },
+            ],
+        });
+        assert_eq!(body, expected);
+
+        // From the store: a new ingest on the same file, fed nothing, shows
+        // the same.
+        let ingest = ingest.restart().await;
+        assert_eq!(ingest.stats.snapshot().batches_applied, 0);
+        assert_eq!(
+            ingest.get_json("/api/v1/sites/plant/status").await,
+            (200, expected)
+        );
+        ingest.stop().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_status_names_a_bad_site_or_parameter() {
+    timeout(LIMIT * 3, async {
+        let ingest = FedIngest::start().await;
+        assert_eq!(
+            ingest.get_json("/api/v1/sites/nowhere/status").await,
+            (
+                404,
+                json!({
+                    "error": "site: `nowhere` is not a site of this ingest (see /api/v1/sites)",
+                    "parameter": "site"
+                })
+            )
+        );
+        assert_eq!(
+            ingest.get_json("/api/v1/sites/plant/status?line=line-a").await,
+            (
+                400,
+                json!({
+                    "error": "line: is not a parameter (this route takes none)",
+                    "parameter": "line"
+                })
+            )
+        );
+        assert_eq!(
+            ingest.get_json("/api/v1/sites?verbose=1").await,
+            (
+                400,
+                json!({
+                    "error": "verbose: is not a parameter (this route takes none)",
+                    "parameter": "verbose"
+                })
+            )
+        );
+        assert_eq!(
+            ingest.get_json("/api/v1/sites/plant").await,
+            (
+                404,
+                json!({
+                    "error": "no route GET /api/v1/sites/plant (the routes are in /api/v1/openapi.json)"
+                })
+            )
+        );
+        ingest.stop().await;
+    })
+    .await
+    .expect("test finished in time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_event_changes_by_rule_and_show_outbox_depth() {
+    timeout(LIMIT * 3, async {
+        let ingest = FedIngest::start().await;
+        let (status, metrics) = ingest.get("/metrics").await;
+        assert_eq!(status, 200);
+        let lines: Vec<&str> = metrics.lines().collect();
+        // The three notices wait: the webhook refuses connections.
+        assert!(
+            lines.contains(&"facwatch_ingest_webhook_outbox_depth{webhook=\"ops\"} 3"),
+            "{metrics}"
+        );
+        // Every rule has both series, with the counters' values.
+        let snapshot = ingest.stats.snapshot();
+        let by_rule: Vec<String> = [
+            ("opened", snapshot.events_opened_by_rule),
+            ("closed", snapshot.events_closed_by_rule),
+        ]
+        .iter()
+        .flat_map(|(change, counts)| {
+            counts.iter().enumerate().map(move |(i, n)| {
+                format!(
+                    "facwatch_ingest_events_total{{change=\"{change}\",rule=\"R{}\"}} {n}",
+                    i + 1
+                )
+            })
+        })
+        .collect();
+        let rendered: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("facwatch_ingest_events_total"))
+            .collect();
+        assert_eq!(rendered, by_rule);
+        ingest.stop().await;
     })
     .await
     .expect("test finished in time");

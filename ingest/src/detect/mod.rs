@@ -88,6 +88,17 @@ pub enum Rule {
 }
 
 impl Rule {
+    /// Every rule, in number order (`ALL[n - 1]` is Rn).
+    pub const ALL: [Rule; 7] = [
+        Rule::R1,
+        Rule::R2,
+        Rule::R3,
+        Rule::R4,
+        Rule::R5,
+        Rule::R6,
+        Rule::R7,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Rule::R1 => "R1",
@@ -289,6 +300,21 @@ impl From<EventV1> for Event {
 pub struct SnapshotError {
     what: &'static str,
     reason: String,
+}
+
+/// One facility as a status display shows it, from
+/// [`GatewayDetector::facility_statuses`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct FacilityStatus {
+    pub line: String,
+    pub facility: String,
+    /// [`State::LowLoad`] for a running facility below its R4 fraction.
+    pub state: State,
+    /// Power of the last valid reading; `None` before the first.
+    pub last_power_kw: Option<f32>,
+    /// Sample time of that reading, ms UTC. It stays when the facility
+    /// turns unknown (it says since when the data is missing).
+    pub last_sample_ms: Option<i64>,
 }
 
 /// Detector state of all lines read by one gateway. Cloning it is cheap
@@ -710,6 +736,16 @@ impl GatewayDetector {
     /// facility below its R4 low-load fraction of rated shows
     /// [`State::LowLoad`].
     pub fn facility_states(&self) -> Vec<(String, String, State, Option<f32>)> {
+        self.facility_statuses()
+            .into_iter()
+            .map(|f| (f.line, f.facility, f.state, f.last_power_kw))
+            .collect()
+    }
+
+    /// What [`GatewayDetector::facility_states`] gives, with the time of
+    /// each facility's last valid reading (the one its last power comes
+    /// from), in site-file order of lines and facilities.
+    pub fn facility_statuses(&self) -> Vec<FacilityStatus> {
         self.lines
             .iter()
             .zip(&self.layout.site_lines)
@@ -724,7 +760,13 @@ impl GatewayDetector {
                         } else {
                             f.state
                         };
-                        (l.line.clone(), id.clone(), state, f.last_power_kw)
+                        FacilityStatus {
+                            line: l.line.clone(),
+                            facility: id.clone(),
+                            state,
+                            last_power_kw: f.last_power_kw,
+                            last_sample_ms: f.last_valid_ms,
+                        }
                     })
             })
             .collect()
@@ -1520,6 +1562,13 @@ fn r4_verdict(
     } else {
         Verdict::Unknown
     }
+}
+
+/// A time as events show it: RFC 3339 with the zone's offset, seconds
+/// unless the time has milliseconds (the one format of the API, MQTT and
+/// logs).
+pub(crate) fn rfc3339(ms: i64, tz: chrono_tz::Tz) -> String {
+    notice::rfc3339(ms, tz)
 }
 
 pub(crate) fn event_id(site: &str, line: &str, rule: Rule, start_ms: i64) -> String {

@@ -1,23 +1,49 @@
-//! Prometheus text exposition of [`StatsSnapshot`]: a pure renderer.
+//! Prometheus text exposition of the ingest: a pure renderer of a
+//! [`StatsSnapshot`] and the webhook outbox depths read from the store.
 //!
 //! Every counter is named after its `Stats` field with the
 //! `facwatch_ingest_` prefix and the `_total` suffix, except the three
 //! reject counters (one family, label `reason`) and the event counters (one
-//! family, label `change`). The output is deterministic: families in a
-//! fixed order, each with `# HELP` and `# TYPE` lines.
+//! family, labels `change` and `rule`: every rule R1-R7 always has both
+//! series, so a rate over a rule that never fired is 0, not absent). The
+//! one gauge family, `facwatch_ingest_webhook_outbox_depth`, has a series
+//! per configured webhook. The output is deterministic: families in a fixed
+//! order, each with `# HELP` and `# TYPE` lines, series in label order.
 
 use std::fmt::Write;
 
+use crate::detect::Rule;
 use crate::StatsSnapshot;
 
-/// One counter family: name (without prefix and `_total`), help, samples
-/// as (labels, value).
-type Family = (&'static str, &'static str, Vec<(&'static str, u64)>);
+/// One metric family: name (without prefix, and for counters without
+/// `_total`), type, help, samples as (labels, value).
+struct Family {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    samples: Vec<(String, u64)>,
+}
 
-/// Renders `s` in the Prometheus text format (version 0.0.4).
-pub(crate) fn render(s: &StatsSnapshot) -> String {
-    let one = |v: u64| vec![("", v)];
-    let families: Vec<Family> = vec![
+/// A counter family before it becomes a [`Family`]: name, help, samples.
+type Counter = (&'static str, &'static str, Vec<(String, u64)>);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// Notices waiting in one webhook's on-disk outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OutboxDepth {
+    pub(crate) webhook: String,
+    pub(crate) notices: u64,
+}
+
+/// Renders `s` and `outboxes` in the Prometheus text format (version 0.0.4).
+pub(crate) fn render(s: &StatsSnapshot, outboxes: &[OutboxDepth]) -> String {
+    let one = |v: u64| vec![(String::new(), v)];
+    let counters: Vec<Counter> = vec![
         (
             "batches_applied",
             "Batches applied (new seq, committed).",
@@ -47,9 +73,15 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
             "batches_rejected",
             "Batches rejected, by reason.",
             vec![
-                ("reason=\"decode\"", s.rejected_decode),
-                ("reason=\"unknown_gateway\"", s.rejected_unknown_gateway),
-                ("reason=\"gateway_mismatch\"", s.rejected_gateway_mismatch),
+                (r#"reason="decode""#.to_string(), s.rejected_decode),
+                (
+                    r#"reason="unknown_gateway""#.to_string(),
+                    s.rejected_unknown_gateway,
+                ),
+                (
+                    r#"reason="gateway_mismatch""#.to_string(),
+                    s.rejected_gateway_mismatch,
+                ),
             ],
         ),
         (
@@ -59,11 +91,8 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
         ),
         (
             "events",
-            "Event changes: opened (seen for the first time) and closed.",
-            vec![
-                ("change=\"opened\"", s.events_opened),
-                ("change=\"closed\"", s.events_closed),
-            ],
+            "Event changes by rule: opened (stored for the first time) and closed.",
+            event_changes(s),
         ),
         (
             "data_interruptions",
@@ -141,13 +170,34 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
             one(s.alerts_cleared),
         ),
     ];
+    let mut families: Vec<Family> = counters
+        .into_iter()
+        .map(|(name, help, samples)| Family {
+            name,
+            kind: Kind::Counter,
+            help,
+            samples,
+        })
+        .collect();
+    families.push(Family {
+        name: "webhook_outbox_depth",
+        kind: Kind::Gauge,
+        help: "Notices in a webhook's on-disk outbox, not yet delivered.",
+        samples: outboxes
+            .iter()
+            .map(|o| (format!("webhook=\"{}\"", escape(&o.webhook)), o.notices))
+            .collect(),
+    });
     let mut text = String::new();
-    for (name, help, samples) in families {
-        let name = format!("facwatch_ingest_{name}_total");
+    for family in families {
+        let (name, kind) = match family.kind {
+            Kind::Counter => (format!("facwatch_ingest_{}_total", family.name), "counter"),
+            Kind::Gauge => (format!("facwatch_ingest_{}", family.name), "gauge"),
+        };
         // Writing to a String cannot fail.
-        let _ = writeln!(text, "# HELP {name} {help}");
-        let _ = writeln!(text, "# TYPE {name} counter");
-        for (labels, value) in samples {
+        let _ = writeln!(text, "# HELP {name} {}", family.help);
+        let _ = writeln!(text, "# TYPE {name} {kind}");
+        for (labels, value) in family.samples {
             if labels.is_empty() {
                 let _ = writeln!(text, "{name} {value}");
             } else {
@@ -158,24 +208,63 @@ pub(crate) fn render(s: &StatsSnapshot) -> String {
     text
 }
 
+/// The 14 series of the event family: opened then closed, R1 to R7 each.
+fn event_changes(s: &StatsSnapshot) -> Vec<(String, u64)> {
+    [
+        ("opened", &s.events_opened_by_rule),
+        ("closed", &s.events_closed_by_rule),
+    ]
+    .into_iter()
+    .flat_map(|(change, by_rule)| {
+        Rule::ALL
+            .iter()
+            .zip(by_rule)
+            .map(move |(rule, &n)| (format!("change=\"{change}\",rule=\"{}\"", rule.as_str()), n))
+    })
+    .collect()
+}
+
+/// A label value as the text format needs it: `\`, `"` and newlines
+/// escaped (webhook names are plain ids, but the renderer does not rely on
+/// the config's validation).
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn renders_every_counter_with_help_type_and_labels() {
+    fn renders_every_family_with_help_type_and_labels() {
         let snapshot = StatsSnapshot {
             batches_applied: 3,
             samples_applied: 90,
             rejected_decode: 1,
             rejected_gateway_mismatch: 2,
+            // The totals are not rendered: the family is by rule.
             events_opened: 4,
             events_closed: 5,
+            events_opened_by_rule: [1, 0, 0, 0, 2, 0, 1],
+            events_closed_by_rule: [1, 0, 0, 0, 3, 0, 1],
             webhook_sent: 6,
             alerts_cleared: 7,
             ..StatsSnapshot::default()
         };
-        let text = render(&snapshot);
+        let outboxes = [
+            OutboxDepth {
+                webhook: "ops".into(),
+                notices: 12,
+            },
+            OutboxDepth {
+                webhook: "platform".into(),
+                notices: 0,
+            },
+        ];
+        let text = render(&snapshot, &outboxes);
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             lines,
@@ -189,8 +278,20 @@ mod tests {
                 "facwatch_ingest_batches_rejected_total{reason=\"unknown_gateway\"} 0",
                 "facwatch_ingest_batches_rejected_total{reason=\"gateway_mismatch\"} 2",
                 "facwatch_ingest_apply_failures_total 0",
-                "facwatch_ingest_events_total{change=\"opened\"} 4",
-                "facwatch_ingest_events_total{change=\"closed\"} 5",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R1\"} 1",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R2\"} 0",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R3\"} 0",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R4\"} 0",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R5\"} 2",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R6\"} 0",
+                "facwatch_ingest_events_total{change=\"opened\",rule=\"R7\"} 1",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R1\"} 1",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R2\"} 0",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R3\"} 0",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R4\"} 0",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R5\"} 3",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R6\"} 0",
+                "facwatch_ingest_events_total{change=\"closed\",rule=\"R7\"} 1",
                 "facwatch_ingest_data_interruptions_total 0",
                 "facwatch_ingest_groups_committed_total 0",
                 "facwatch_ingest_acks_published_total 0",
@@ -206,6 +307,8 @@ mod tests {
                 "facwatch_ingest_replay_summaries_total 0",
                 "facwatch_ingest_alerts_raised_total 0",
                 "facwatch_ingest_alerts_cleared_total 7",
+                "facwatch_ingest_webhook_outbox_depth{webhook=\"ops\"} 12",
+                "facwatch_ingest_webhook_outbox_depth{webhook=\"platform\"} 0",
             ]
         );
         assert!(text.starts_with(
@@ -213,6 +316,52 @@ mod tests {
              # TYPE facwatch_ingest_batches_applied_total counter\n\
              facwatch_ingest_batches_applied_total 3\n"
         ));
-        assert_eq!(text.lines().filter(|l| l.starts_with("# TYPE")).count(), 23);
+        assert!(text.ends_with(
+            "# HELP facwatch_ingest_webhook_outbox_depth Notices in a webhook's on-disk outbox, not yet delivered.\n\
+             # TYPE facwatch_ingest_webhook_outbox_depth gauge\n\
+             facwatch_ingest_webhook_outbox_depth{webhook=\"ops\"} 12\n\
+             facwatch_ingest_webhook_outbox_depth{webhook=\"platform\"} 0\n"
+        ));
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        assert_eq!(types.len(), 24);
+        assert_eq!(types.iter().filter(|l| l.ends_with(" counter")).count(), 23);
+    }
+
+    #[test]
+    fn the_readme_lists_every_family_with_its_type() {
+        let readme = include_str!("../../../README.md");
+        let text = render(&StatsSnapshot::default(), &[]);
+        for declared in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
+            let (name, kind) = declared.split_once(' ').unwrap();
+            let row = readme
+                .lines()
+                .find(|l| {
+                    l.strip_prefix("| `")
+                        .and_then(|rest| rest.strip_prefix(name))
+                        .is_some_and(|rest| rest.starts_with('`') || rest.starts_with('{'))
+                })
+                .unwrap_or_else(|| panic!("README has no row for {name}"));
+            assert!(row.contains(&format!("` | {kind} | ")), "{row}");
+        }
+    }
+
+    #[test]
+    fn without_webhooks_the_gauge_family_has_no_series() {
+        let text = render(&StatsSnapshot::default(), &[]);
+        assert!(text.ends_with("# TYPE facwatch_ingest_webhook_outbox_depth gauge\n"));
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let text = render(
+            &StatsSnapshot::default(),
+            &[OutboxDepth {
+                webhook: "a\"b\\c\nd".into(),
+                notices: 1,
+            }],
+        );
+        assert!(
+            text.ends_with("facwatch_ingest_webhook_outbox_depth{webhook=\"a\\\"b\\\\c\\nd\"} 1\n")
+        );
     }
 }
