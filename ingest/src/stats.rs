@@ -277,7 +277,6 @@ impl Stats {
     /// closed); neither is a no-op.
     // Called by `receive::apply` where it counts `events_opened`; until
     // that call is wired in, only tests use it.
-    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn count_event_change(&self, rule: Rule, opened: bool, closed: bool) {
         let i = usize::from(u8::from(rule)) - 1;
         if opened {

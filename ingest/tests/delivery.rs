@@ -416,6 +416,8 @@ async fn bad_payloads_are_rejected_by_reason_while_good_batches_flow() {
                 // long past: historical).
                 events_opened: 1,
                 events_closed: 1,
+                events_opened_by_rule: [0, 0, 0, 0, 1, 0, 0],
+                events_closed_by_rule: [0, 0, 0, 0, 1, 0, 0],
                 data_interruptions: 1,
                 notices_historical: 1,
                 groups_committed: stats.groups_committed,

@@ -516,6 +516,8 @@ async fn metrics_count_event_changes_by_rule_and_show_outbox_depth() {
         );
         // Every rule has both series, with the counters' values.
         let snapshot = ingest.stats.snapshot();
+        assert_eq!(snapshot.events_opened_by_rule, [1, 0, 0, 0, 2, 0, 0]);
+        assert_eq!(snapshot.events_closed_by_rule, [0, 0, 0, 0, 1, 0, 0]);
         let by_rule: Vec<String> = [
             ("opened", snapshot.events_opened_by_rule),
             ("closed", snapshot.events_closed_by_rule),

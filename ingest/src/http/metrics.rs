@@ -1,19 +1,22 @@
 //! Prometheus text exposition of the ingest: a pure renderer of a
-//! [`StatsSnapshot`] and the webhook outbox depths read from the store.
+//! [`StatsSnapshot`] and the outbox depths (InfluxDB, webhooks) read from
+//! the store.
 //!
 //! Every counter is named after its `Stats` field with the
 //! `facwatch_ingest_` prefix and the `_total` suffix, except the three
 //! reject counters (one family, label `reason`) and the event counters (one
 //! family, labels `change` and `rule`: every rule R1-R7 always has both
 //! series, so a rate over a rule that never fired is 0, not absent). The
-//! one gauge family, `facwatch_ingest_webhook_outbox_depth`, has a series
-//! per configured webhook. The output is deterministic: families in a fixed
+//! gauges: `facwatch_ingest_influx_outbox_lines` and `_bytes` (one series
+//! each, none without `[influxdb]`) and
+//! `facwatch_ingest_webhook_outbox_depth` (a series per configured
+//! webhook). The output is deterministic: families in a fixed
 //! order, each with `# HELP` and `# TYPE` lines, series in label order.
 
 use std::fmt::Write;
 
 use crate::detect::Rule;
-use crate::StatsSnapshot;
+use crate::{InfluxOutboxDepth, StatsSnapshot};
 
 /// One metric family: name (without prefix, and for counters without
 /// `_total`), type, help, samples as (labels, value).
@@ -40,8 +43,13 @@ pub(crate) struct OutboxDepth {
     pub(crate) notices: u64,
 }
 
-/// Renders `s` and `outboxes` in the Prometheus text format (version 0.0.4).
-pub(crate) fn render(s: &StatsSnapshot, outboxes: &[OutboxDepth]) -> String {
+/// Renders `s`, the InfluxDB outbox (`None` without `[influxdb]`) and the
+/// webhook `outboxes` in the Prometheus text format (version 0.0.4).
+pub(crate) fn render(
+    s: &StatsSnapshot,
+    influx: Option<InfluxOutboxDepth>,
+    outboxes: &[OutboxDepth],
+) -> String {
     let one = |v: u64| vec![(String::new(), v)];
     let counters: Vec<Counter> = vec![
         (
@@ -169,6 +177,36 @@ pub(crate) fn render(s: &StatsSnapshot, outboxes: &[OutboxDepth]) -> String {
             "gateway_back: silent gateways that sent a batch again.",
             one(s.alerts_cleared),
         ),
+        (
+            "batches_deferred",
+            "Batches not applied nor acked because the InfluxDB outbox was full (the gateways resend them).",
+            one(s.batches_deferred),
+        ),
+        (
+            "influx_lines_queued",
+            "Line protocol lines (readings and event changes) queued for InfluxDB.",
+            one(s.influx_lines_queued),
+        ),
+        (
+            "influx_lines_written",
+            "Lines InfluxDB accepted.",
+            one(s.influx_lines_written),
+        ),
+        (
+            "influx_requests",
+            "Write requests InfluxDB accepted.",
+            one(s.influx_requests),
+        ),
+        (
+            "influx_lines_refused",
+            "Lines of writes InfluxDB refused with a 4xx other than 408 and 429 (dropped).",
+            one(s.influx_lines_refused),
+        ),
+        (
+            "influx_write_errors",
+            "InfluxDB write requests that failed (refused, or retried after a connection error, timeout, 408, 429 or 5xx).",
+            one(s.influx_write_errors),
+        ),
     ];
     let mut families: Vec<Family> = counters
         .into_iter()
@@ -179,6 +217,25 @@ pub(crate) fn render(s: &StatsSnapshot, outboxes: &[OutboxDepth]) -> String {
             samples,
         })
         .collect();
+    for (name, help, value) in [
+        (
+            "influx_outbox_lines",
+            "Lines waiting in the on-disk InfluxDB outbox.",
+            influx.map(|d| d.lines),
+        ),
+        (
+            "influx_outbox_bytes",
+            "Bytes of line protocol waiting in the InfluxDB outbox (at max_outbox_bytes the ingest stops applying batches).",
+            influx.map(|d| d.bytes),
+        ),
+    ] {
+        families.push(Family {
+            name,
+            kind: Kind::Gauge,
+            help,
+            samples: value.map(|v| (String::new(), v)).into_iter().collect(),
+        });
+    }
     families.push(Family {
         name: "webhook_outbox_depth",
         kind: Kind::Gauge,
@@ -264,7 +321,11 @@ mod tests {
                 notices: 0,
             },
         ];
-        let text = render(&snapshot, &outboxes);
+        let influx = InfluxOutboxDepth {
+            lines: 40,
+            bytes: 9000,
+        };
+        let text = render(&snapshot, Some(influx), &outboxes);
         let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             lines,
@@ -307,6 +368,14 @@ mod tests {
                 "facwatch_ingest_replay_summaries_total 0",
                 "facwatch_ingest_alerts_raised_total 0",
                 "facwatch_ingest_alerts_cleared_total 7",
+                "facwatch_ingest_batches_deferred_total 0",
+                "facwatch_ingest_influx_lines_queued_total 0",
+                "facwatch_ingest_influx_lines_written_total 0",
+                "facwatch_ingest_influx_requests_total 0",
+                "facwatch_ingest_influx_lines_refused_total 0",
+                "facwatch_ingest_influx_write_errors_total 0",
+                "facwatch_ingest_influx_outbox_lines 40",
+                "facwatch_ingest_influx_outbox_bytes 9000",
                 "facwatch_ingest_webhook_outbox_depth{webhook=\"ops\"} 12",
                 "facwatch_ingest_webhook_outbox_depth{webhook=\"platform\"} 0",
             ]
@@ -323,14 +392,14 @@ mod tests {
              facwatch_ingest_webhook_outbox_depth{webhook=\"platform\"} 0\n"
         ));
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
-        assert_eq!(types.len(), 24);
-        assert_eq!(types.iter().filter(|l| l.ends_with(" counter")).count(), 23);
+        assert_eq!(types.len(), 32);
+        assert_eq!(types.iter().filter(|l| l.ends_with(" counter")).count(), 29);
     }
 
     #[test]
     fn the_readme_lists_every_family_with_its_type() {
         let readme = include_str!("../../../README.md");
-        let text = render(&StatsSnapshot::default(), &[]);
+        let text = render(&StatsSnapshot::default(), None, &[]);
         for declared in text.lines().filter_map(|l| l.strip_prefix("# TYPE ")) {
             let (name, kind) = declared.split_once(' ').unwrap();
             let row = readme
@@ -347,7 +416,7 @@ mod tests {
 
     #[test]
     fn without_webhooks_the_gauge_family_has_no_series() {
-        let text = render(&StatsSnapshot::default(), &[]);
+        let text = render(&StatsSnapshot::default(), None, &[]);
         assert!(text.ends_with("# TYPE facwatch_ingest_webhook_outbox_depth gauge\n"));
     }
 
@@ -355,6 +424,7 @@ mod tests {
     fn label_values_are_escaped() {
         let text = render(
             &StatsSnapshot::default(),
+            None,
             &[OutboxDepth {
                 webhook: "a\"b\\c\nd".into(),
                 notices: 1,

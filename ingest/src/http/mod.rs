@@ -55,6 +55,8 @@ pub(crate) struct Api {
     pub(crate) sites: Arc<Vec<Arc<Site>>>,
     /// Names of the configured webhooks (their outbox depths are metrics).
     pub(crate) webhooks: Arc<Vec<String>>,
+    /// Whether InfluxDB is written (its outbox depth is a metric).
+    pub(crate) influx: bool,
 }
 
 impl Api {
@@ -64,6 +66,7 @@ impl Api {
             stats,
             sites: Arc::new(settings.sites.iter().cloned().map(Arc::new).collect()),
             webhooks: Arc::new(settings.webhooks.iter().map(|w| w.name.clone()).collect()),
+            influx: settings.influxdb.is_some(),
         }
     }
 }
@@ -167,10 +170,20 @@ async fn readyz(State(api): State<Api>) -> Response {
 async fn metrics(State(api): State<Api>) -> Response {
     let store = api.store.clone();
     let webhooks = api.webhooks.clone();
-    // A webhook whose depth cannot be read is left out (and logged): the
+    let influx = api.influx;
+    // An outbox whose depth cannot be read is left out (and logged): the
     // counters are still worth serving.
-    let outboxes = tokio::task::spawn_blocking(move || {
-        webhooks
+    let depths = tokio::task::spawn_blocking(move || {
+        let influx = influx
+            .then(|| match store.influx_outbox_depth() {
+                Ok(depth) => Some(depth),
+                Err(e) => {
+                    warn!(error = %e, "Reading the InfluxDB outbox depth failed.");
+                    None
+                }
+            })
+            .flatten();
+        let webhooks = webhooks
             .iter()
             .filter_map(|webhook| match store.outbox_len(webhook) {
                 Ok(notices) => Some(metrics::OutboxDepth {
@@ -182,13 +195,14 @@ async fn metrics(State(api): State<Api>) -> Response {
                     None
                 }
             })
-            .collect::<Vec<_>>()
+            .collect::<Vec<_>>();
+        (influx, webhooks)
     })
     .await
     .unwrap_or_default();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        metrics::render(&api.stats.snapshot(), &outboxes),
+        metrics::render(&api.stats.snapshot(), depths.0, &depths.1),
     )
         .into_response()
 }

@@ -833,6 +833,10 @@ impl ApplyTask {
             .count() as u64;
         self.stats.add(|s| &s.events_opened, opened);
         self.stats.add(|s| &s.events_closed, closed);
+        for change in changes {
+            self.stats
+                .count_event_change(change.event.rule, change.opened, change.closed);
+        }
         self.stats.add(|s| &s.data_interruptions, interruptions);
         let historical = changes.iter().filter(|c| c.historical_notice).count() as u64;
         self.stats.add(|s| &s.notices_historical, historical);
