@@ -341,8 +341,12 @@ impl Forwarder {
         let AckApplied {
             synced_now,
             renumbered,
+            released,
             meta,
         } = applied;
+        self.stats
+            .batches_acked
+            .fetch_add(released, Ordering::Relaxed);
         if synced_now {
             tracing::info!(
                 site = %self.plan.site, gateway = %self.plan.gateway,

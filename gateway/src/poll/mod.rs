@@ -37,7 +37,7 @@ use facwatch_proto::wire::{Quality, Sample};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Settings, Stats};
+use crate::{MeterPolls, Settings, Stats};
 use link::BusLink;
 use sample::{health_change, HealthChange, PollOutcome};
 use schedule::{next_slot, BusSchedule, Turn};
@@ -89,6 +89,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), PollError> {
     let settings = Arc::new(settings);
+    // Counters in site-file order, whichever bus task starts first.
+    for meter in &settings.meters {
+        stats.meter_polls(&meter.id);
+    }
     let mut tasks = Vec::new();
     for (bus, meters) in buses(&settings.meters) {
         let task = tokio::spawn(run_bus(
@@ -150,6 +154,7 @@ async fn run_bus(
     let mut schedule = BusSchedule::new(settings.poll_interval, meters.iter().map(|m| m.retries));
     let mut link = BusLink::new(transport.clone());
     let mut health: Vec<Option<Quality>> = vec![None; meters.len()];
+    let counters: Vec<Arc<MeterPolls>> = meters.iter().map(|m| stats.meter_polls(&m.id)).collect();
     let mut last_slot = None;
     tracing::debug!(
         site = %settings.site,
@@ -172,8 +177,7 @@ async fn run_bus(
         for turn in schedule.turns(slot) {
             let (index, outcome, time_ms) = match turn {
                 Turn::Skip { meter } => {
-                    stats.polls_skipped.fetch_add(1, Ordering::Relaxed);
-                    stats.polls_failed.fetch_add(1, Ordering::Relaxed);
+                    count(&counters[meter], &PollOutcome::BackedOff);
                     (meter, PollOutcome::BackedOff, clock.now_ms())
                 }
                 Turn::Poll {
@@ -197,7 +201,7 @@ async fn run_bus(
                     let quality = outcome.quality();
                     let cost_ms = clock.now_ms() - started_ms;
                     schedule.record(index, slot, quality, cost_ms);
-                    count(&stats, quality);
+                    count(&counters[index], &outcome);
                     log_health(&settings, &transport, meter, health[index], &outcome);
                     health[index] = Some(quality);
                     (index, outcome, started_ms)
@@ -212,11 +216,15 @@ async fn run_bus(
     }
 }
 
-fn count(stats: &Stats, quality: Quality) {
-    let counter = if quality == Quality::Ok {
-        &stats.polls_ok
-    } else {
-        &stats.polls_failed
+/// Adds the slot to its meter's counter of its outcome's kind.
+fn count(polls: &MeterPolls, outcome: &PollOutcome) {
+    let counter = match outcome {
+        PollOutcome::Read(_) => &polls.ok,
+        PollOutcome::Timeout => &polls.timeout,
+        PollOutcome::Exception(_) => &polls.exception,
+        PollOutcome::Garbled(_) => &polls.decode,
+        PollOutcome::Unreachable(_) => &polls.unreachable,
+        PollOutcome::BackedOff => &polls.backed_off,
     };
     counter.fetch_add(1, Ordering::Relaxed);
 }
