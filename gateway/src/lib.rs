@@ -19,6 +19,15 @@
 //! [`probe`] reads one meter once over the same code path as polling, for
 //! installers (`facwatch-gateway probe`).
 //!
+//! Logs: every line of a running gateway names `site` and `gateway`, and a
+//! line about a meter also `meter` and, when the meter measures a facility
+//! of a line, `line` ([`Settings::meter_lines`]). Our own lines carry them
+//! as event fields. The libraries that log on our behalf (tokio-modbus
+//! while reading a meter, rumqttc in the MQTT event loop) run inside a
+//! span carrying the same names (`poll`, `mqtt`); redb and axum are built
+//! without logging. No span wraps our own lines, so the text format does
+//! not print the names twice.
+//!
 //! [`run`] wires the stages together. A buffer file that cannot be opened
 //! (corrupt, truncated, a newer format) is moved aside, logged as an error
 //! and replaced by a fresh one: the box keeps polling. Shutdown order:
@@ -344,6 +353,7 @@ pub async fn run(
     let batcher = tokio::spawn({
         let batcher = buffer::batcher::run(
             buffer::batcher::BatcherPlan {
+                site: settings.site_id.clone(),
                 gateway: settings.gateway.id.clone(),
                 batch_interval: settings.gateway.batch_interval,
                 commit_interval: settings.commit_interval,

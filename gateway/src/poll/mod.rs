@@ -27,6 +27,7 @@ pub(crate) mod link;
 pub(crate) mod sample;
 pub(crate) mod schedule;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,7 @@ use facwatch_proto::site::{Meter, Transport};
 use facwatch_proto::wire::{Quality, Sample};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::{MeterPolls, Settings, Stats};
 use link::BusLink;
@@ -56,6 +58,8 @@ pub struct PollSettings {
     pub until_ms: Option<i64>,
     /// The meters, in site-file order (which is also the order on each bus).
     pub meters: Vec<Meter>,
+    /// Meter id -> its line, for logs (see `Settings::meter_lines`).
+    pub meter_lines: HashMap<String, String>,
 }
 
 impl PollSettings {
@@ -68,7 +72,13 @@ impl PollSettings {
             clock: settings.clock,
             until_ms: settings.poll_until_ms,
             meters: settings.meters.clone(),
+            meter_lines: settings.meter_lines.clone(),
         }
+    }
+
+    /// The line `meter` belongs to, if it measures a facility of one.
+    fn line_of(&self, meter: &str) -> Option<&str> {
+        self.meter_lines.get(meter).map(String::as_str)
     }
 }
 
@@ -190,7 +200,8 @@ async fn run_bus(
                         Some(why) => PollOutcome::Unreachable(why.clone()),
                         None => tokio::select! {
                             () = stop.cancelled() => break 'slots,
-                            result = link::read_meter(&mut link, meter, attempts) => {
+                            result = link::read_meter(&mut link, meter, attempts)
+                                .instrument(read_span(&settings, &transport, meter)) => {
                                 PollOutcome::of_reads(meter, result)
                             }
                         },
@@ -214,6 +225,22 @@ async fn run_bus(
         }
         last_slot = Some(slot);
     }
+}
+
+/// The span a meter's read runs in. Our own lines carry their fields
+/// explicitly; this is for the lines of the Modbus stack (tokio-modbus logs
+/// frames it cannot decode, e.g. CRC errors on a noisy RS-485 line) and of
+/// the link, which know no site. At ERROR level so that no log filter that
+/// lets such a line through disables its span.
+fn read_span(settings: &PollSettings, transport: &Transport, meter: &Meter) -> tracing::Span {
+    tracing::error_span!(
+        "poll",
+        site = %settings.site,
+        gateway = %settings.gateway,
+        bus = %transport.bus(),
+        meter = %meter.id,
+        line = settings.line_of(&meter.id),
+    )
 }
 
 /// Adds the slot to its meter's counter of its outcome's kind.
@@ -241,6 +268,7 @@ fn log_health(
             site = %settings.site,
             gateway = %settings.gateway,
             meter = %meter.id,
+            line = settings.line_of(&meter.id),
             bus = %transport.bus(),
             unit = meter.unit,
             quality = quality.as_str(),
@@ -251,6 +279,7 @@ fn log_health(
             site = %settings.site,
             gateway = %settings.gateway,
             meter = %meter.id,
+            line = settings.line_of(&meter.id),
             bus = %transport.bus(),
             unit = meter.unit,
             "Meter gives readings again."
