@@ -19,6 +19,7 @@
 //!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -52,6 +53,10 @@ pub struct Settings {
     pub gateway: Gateway,
     /// This gateway's meters, in site-file order.
     pub meters: Vec<Meter>,
+    /// Meter id -> id of the line whose facility the meter measures, for
+    /// logs. A meter measuring no facility has no entry. (The site file
+    /// lets a meter measure at most one facility.)
+    pub meter_lines: HashMap<String, String>,
     pub mqtt: MqttSettings,
     /// The redb file holding unacked batches.
     pub buffer_path: PathBuf,
@@ -142,6 +147,7 @@ impl Settings {
         Ok(Settings {
             site_id: site.id.clone(),
             gateway,
+            meter_lines: meter_lines(site, &meters),
             meters,
             mqtt,
             buffer_path: buffer_path.into(),
@@ -336,6 +342,7 @@ impl Settings {
         Ok(Settings {
             site_id: site.id.clone(),
             gateway,
+            meter_lines: meter_lines(&site, &meters),
             meters,
             mqtt: MqttSettings {
                 host: mqtt.host.clone(),
@@ -392,6 +399,16 @@ fn gateway_of(
         ));
     }
     Ok((gateway.clone(), meters))
+}
+
+/// The line of each of `meters` that measures a facility of one.
+fn meter_lines(site: &Site, meters: &[Meter]) -> HashMap<String, String> {
+    site.lines
+        .iter()
+        .flat_map(|line| line.facilities.iter().map(move |f| (&f.meter, &line.id)))
+        .filter(|(meter, _)| meters.iter().any(|m| &m.id == *meter))
+        .map(|(meter, line)| (meter.clone(), line.clone()))
+        .collect()
 }
 
 fn rfc3339_ms(text: &str) -> Result<i64, String> {
@@ -770,12 +787,53 @@ path = "/var/lib/facwatch/buffer.redb"
     }
 
     #[test]
+    fn meter_lines_name_only_this_gateways_meters_that_measure_a_facility() {
+        let meter = |id: &str, gateway: &str, port: u16, unit: u8| {
+            format!(
+                "[[meters]]\nid = \"{id}\"\ngateway = \"{gateway}\"\nprofile = \"sdm630\"\ntcp = \"127.0.0.1:{port}\"\nunit = {unit}\n\n"
+            )
+        };
+        let line = |id: &str, stenter: &str, fan: &str| {
+            format!(
+                "[[lines]]\nid = \"{id}\"\n\n\
+                 [[lines.facilities]]\nid = \"{stenter}\"\nkind = \"stenter\"\nmeter = \"{stenter}\"\nrated_kw = 150\nstart_threshold_kw = 20\n\n\
+                 [[lines.facilities]]\nid = \"{fan}\"\nkind = \"main_fan\"\nmeter = \"{fan}\"\nrated_kw = 22\nstart_threshold_kw = 4\n\n"
+            )
+        };
+        let text = [
+            "[site]\nid = \"s\"\n\n[[gateways]]\nid = \"gw-a\"\n\n[[gateways]]\nid = \"gw-b\"\n\n"
+                .to_string(),
+            meter("a-stenter", "gw-a", 5020, 1),
+            meter("a-fan", "gw-a", 5020, 2),
+            meter("a-spare", "gw-a", 5020, 3),
+            meter("b-stenter", "gw-b", 5021, 1),
+            meter("b-fan", "gw-b", 5021, 2),
+            line("la", "a-stenter", "a-fan"),
+            line("lb", "b-stenter", "b-fan"),
+        ]
+        .concat();
+        let site = Site::from_toml(&text, "s.toml").unwrap();
+        let mqtt = MqttSettings::new("127.0.0.1", 1883, "gw-a");
+        let settings = Settings::new(&site, "gw-a", mqtt, "b.redb", Clock::real()).unwrap();
+        assert_eq!(
+            settings.meter_lines,
+            HashMap::from([
+                ("a-stenter".to_string(), "la".to_string()),
+                ("a-fan".to_string(), "la".to_string()),
+            ])
+        );
+    }
+
+    #[test]
     fn new_picks_the_gateways_meters_and_defaults() {
         let site = Site::from_toml(SITE, "site.toml").unwrap();
         let mqtt = MqttSettings::new("127.0.0.1", 1883, "gw-01");
         let settings = Settings::new(&site, "gw-01", mqtt, "b.redb", Clock::real()).unwrap();
         assert_eq!(settings.meters.len(), 10);
         assert_eq!(settings.window_batches, DEFAULT_WINDOW_BATCHES);
+        assert_eq!(settings.meter_lines.len(), 10);
+        assert_eq!(settings.meter_lines["l1-hv-esp"], "line1");
+        assert_eq!(settings.meter_lines["l2-stenter"], "line2");
         assert_eq!(settings.mqtt.client_id, "facwatch-gw-gw-01");
         let err = Settings::new(
             &site,

@@ -19,6 +19,15 @@
 //! [`probe`] reads one meter once over the same code path as polling, for
 //! installers (`facwatch-gateway probe`).
 //!
+//! Logs: every line of a running gateway names `site` and `gateway`, and a
+//! line about a meter also `meter` and, when the meter measures a facility
+//! of a line, `line` ([`Settings::meter_lines`]). Our own lines carry them
+//! as event fields. The libraries that log on our behalf (tokio-modbus
+//! while reading a meter, rumqttc in the MQTT event loop) run inside a
+//! span carrying the same names (`poll`, `mqtt`); redb and axum are built
+//! without logging. No span wraps our own lines, so the text format does
+//! not print the names twice.
+//!
 //! [`run`] wires the stages together. A buffer file that cannot be opened
 //! (corrupt, truncated, a newer format) is moved aside, logged as an error
 //! and replaced by a fresh one: the box keeps polling. Shutdown order:
@@ -37,7 +46,7 @@ pub mod probe;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -73,21 +82,125 @@ pub struct Stats {
     pub samples_dropped: AtomicU64,
     /// Unusable buffer files moved aside and replaced during this run.
     pub buffer_recoveries: AtomicU64,
-    /// Polls that yielded values.
-    pub polls_ok: AtomicU64,
-    /// Polls that did not (timeout, exception, decode error, offline),
-    /// including slots in which a meter was not asked (`polls_skipped`).
-    pub polls_failed: AtomicU64,
-    /// Of `polls_failed`: slots in which a meter backing off after failures
-    /// was not asked (each still yields an `Offline` sample).
-    pub polls_skipped: AtomicU64,
+    /// Batches the ingest's acks deleted from the buffer during this run.
+    pub batches_acked: AtomicU64,
+    /// Poll counters per meter, in the order meters were first counted
+    /// (site-file order); read with [`Stats::polls`] and
+    /// [`Stats::polls_by_meter`].
+    meter_polls: Mutex<Vec<(String, Arc<MeterPolls>)>>,
     /// Where the metrics endpoint listens, set once it is bound (before
     /// polling starts); unset without `[metrics]`. Tells callers that asked
     /// for port 0 which port they got.
     pub metrics_address: OnceLock<SocketAddr>,
 }
 
+/// What the poll slots of one meter yielded during this run: every slot
+/// adds one to exactly one counter, so a moment's reading of them is always
+/// a whole number of slots, each counted once.
+#[derive(Debug, Default)]
+pub(crate) struct MeterPolls {
+    pub(crate) ok: AtomicU64,
+    pub(crate) timeout: AtomicU64,
+    pub(crate) exception: AtomicU64,
+    pub(crate) decode: AtomicU64,
+    pub(crate) unreachable: AtomicU64,
+    pub(crate) backed_off: AtomicU64,
+}
+
+impl MeterPolls {
+    fn load(&self) -> PollCounts {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        PollCounts {
+            ok: load(&self.ok),
+            timeout: load(&self.timeout),
+            exception: load(&self.exception),
+            decode: load(&self.decode),
+            unreachable: load(&self.unreachable),
+            backed_off: load(&self.backed_off),
+        }
+    }
+}
+
+/// Poll slots by what they yielded (see `sample::PollOutcome`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PollCounts {
+    /// Values read.
+    pub ok: u64,
+    /// No answer within the Modbus timeout.
+    pub timeout: u64,
+    /// A Modbus exception.
+    pub exception: u64,
+    /// An answer that did not decode.
+    pub decode: u64,
+    /// No link to the meter (connect failed, link dropped).
+    pub unreachable: u64,
+    /// Not asked: the meter was backing off after failures.
+    pub backed_off: u64,
+}
+
+impl PollCounts {
+    /// Meter asked, no values: timeouts, exceptions, decode errors and
+    /// unreachable.
+    pub fn failed(&self) -> u64 {
+        self.timeout + self.exception + self.decode + self.unreachable
+    }
+
+    /// Meter not asked (backing off).
+    pub fn skipped(&self) -> u64 {
+        self.backed_off
+    }
+
+    /// Every slot.
+    pub fn total(&self) -> u64 {
+        self.ok + self.failed() + self.skipped()
+    }
+
+    fn add(self, other: PollCounts) -> PollCounts {
+        PollCounts {
+            ok: self.ok + other.ok,
+            timeout: self.timeout + other.timeout,
+            exception: self.exception + other.exception,
+            decode: self.decode + other.decode,
+            unreachable: self.unreachable + other.unreachable,
+            backed_off: self.backed_off + other.backed_off,
+        }
+    }
+}
+
 impl Stats {
+    /// The poll counters of meter `id`, made at zero on first use. `run`
+    /// makes them for every meter before the metrics endpoint answers, so
+    /// every meter's series exist from the first scrape.
+    pub(crate) fn meter_polls(&self, id: &str) -> Arc<MeterPolls> {
+        let mut meters = self
+            .meter_polls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, polls)) = meters.iter().find(|(meter, _)| meter == id) {
+            return Arc::clone(polls);
+        }
+        let polls = Arc::new(MeterPolls::default());
+        meters.push((id.to_string(), Arc::clone(&polls)));
+        polls
+    }
+
+    /// Each meter's poll counts, in site-file order.
+    pub fn polls_by_meter(&self) -> Vec<(String, PollCounts)> {
+        self.meter_polls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(meter, polls)| (meter.clone(), polls.load()))
+            .collect()
+    }
+
+    /// Poll counts summed over the meters.
+    pub fn polls(&self) -> PollCounts {
+        self.polls_by_meter()
+            .into_iter()
+            .fold(PollCounts::default(), |sum, (_, counts)| sum.add(counts))
+    }
+
     /// Copies the buffer's depth, age and counters.
     pub(crate) fn record_buffer(&self, meta: &BufferMeta) {
         self.samples_produced
@@ -188,6 +301,11 @@ pub async fn run(
         "Gateway starting."
     );
 
+    // Every meter's poll series exist, at zero, from the first scrape.
+    for meter in &settings.meters {
+        stats.meter_polls(&meter.id);
+    }
+
     // Bound before polling starts: a taken port stops the gateway here.
     // Stopped when `run` returns, however it returns.
     let stop_metrics = CancellationToken::new();
@@ -235,6 +353,7 @@ pub async fn run(
     let batcher = tokio::spawn({
         let batcher = buffer::batcher::run(
             buffer::batcher::BatcherPlan {
+                site: settings.site_id.clone(),
                 gateway: settings.gateway.id.clone(),
                 batch_interval: settings.gateway.batch_interval,
                 commit_interval: settings.commit_interval,

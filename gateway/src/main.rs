@@ -139,13 +139,29 @@ fn main() -> ExitCode {
     }
 
     init_logging(cli.log_format);
-    match serve(settings) {
+    let names = Names {
+        site: settings.site_id.clone(),
+        gateway: settings.gateway.id.clone(),
+    };
+    match serve(settings, &names) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "Gateway failed.");
+            tracing::error!(
+                site = %names.site,
+                gateway = %names.gateway,
+                error = format!("{e:#}"),
+                "Gateway failed."
+            );
             ExitCode::FAILURE
         }
     }
+}
+
+/// What every log line of a running gateway names.
+#[derive(Clone)]
+struct Names {
+    site: String,
+    gateway: String,
 }
 
 /// `probe`: exit 0 with the reading on stdout, 1 with one line on stderr
@@ -307,18 +323,28 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
-        LogFormat::Json => builder.json().init(),
+        // Our lines carry `site`, `gateway` (and `meter`, `line`) under
+        // `fields`; a library's line (tokio-modbus, rumqttc, through `log`)
+        // carries them in the span its call runs in, under `span`. Those
+        // spans never nest, so the span list would only repeat it.
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 
 #[tokio::main]
-async fn serve(settings: Settings) -> anyhow::Result<()> {
+async fn serve(settings: Settings, names: &Names) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(shutdown.clone(), names.clone()));
     let report = facwatch_gateway::run(settings, Arc::new(Stats::default()), shutdown)
         .await
         .context("gateway stopped")?;
     tracing::info!(
+        site = %names.site,
+        gateway = %names.gateway,
         samples_produced = report.samples_produced,
         acked_seq = report.acked_seq,
         "Gateway exited."
@@ -326,7 +352,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn cancel_on_signal(shutdown: CancellationToken) {
+async fn cancel_on_signal(shutdown: CancellationToken, names: Names) {
     let interrupt = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
@@ -334,7 +360,12 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
                 Ok(signal) => signal,
                 Err(e) => {
-                    tracing::warn!(error = %e, "Cannot listen for SIGTERM.");
+                    tracing::warn!(
+                        site = %names.site,
+                        gateway = %names.gateway,
+                        error = %e,
+                        "Cannot listen for SIGTERM."
+                    );
                     let _ = interrupt.await;
                     shutdown.cancel();
                     return;
@@ -347,6 +378,10 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
     }
     #[cfg(not(unix))]
     let _ = interrupt.await;
-    tracing::info!("Shutting down: stop polling, flush, close.");
+    tracing::info!(
+        site = %names.site,
+        gateway = %names.gateway,
+        "Shutting down: stop polling, flush, close."
+    );
     shutdown.cancel();
 }

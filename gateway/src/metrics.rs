@@ -10,6 +10,14 @@
 //! - `facwatch_gateway_polls_total` partitions polls: `ok` yielded values,
 //!   `failed` asked the meter and got no values, `skipped` did not ask a
 //!   meter that is backing off; the three add up to every poll slot;
+//! - `facwatch_gateway_poll_errors_total{meter,kind}` partitions the slots
+//!   without values by meter and kind: summed over meters, `timeout +
+//!   exception + decode + unreachable` is `polls_total{result="failed"}`
+//!   and `backed_off` is `polls_total{result="skipped"}`. Both families
+//!   are rendered from one reading of the per-meter counters, so the sums
+//!   hold in every scrape, not only once polling is at rest. Every meter of
+//!   the gateway has all five kinds from the first scrape (zeros
+//!   included): the series are bounded by the site file's meters;
 //! - the listener is bound by [`bind`] before polling starts, and the
 //!   server stops when its token is cancelled (at the end of `run`).
 
@@ -25,21 +33,20 @@ use axum::Router;
 use facwatch_proto::clock::Clock;
 use tokio_util::sync::CancellationToken;
 
-use crate::Stats;
+use crate::{PollCounts, Stats};
 
 /// `Content-Type` of the Prometheus text format.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A moment's copy of [`Stats`], what [`render`] reads.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct StatsSnapshot {
-    pub(crate) polls_ok: u64,
-    /// Including `polls_skipped`, as in [`Stats`].
-    pub(crate) polls_failed: u64,
-    pub(crate) polls_skipped: u64,
+    /// Per meter, in site-file order.
+    pub(crate) polls: Vec<(String, PollCounts)>,
     pub(crate) batches_appended: u64,
     pub(crate) batches_sent: u64,
     pub(crate) batches_resent: u64,
+    pub(crate) batches_acked: u64,
     pub(crate) samples_dropped: u64,
     pub(crate) buffer_recoveries: u64,
     pub(crate) buffer_batches: u64,
@@ -53,12 +60,11 @@ impl StatsSnapshot {
     pub(crate) fn of(stats: &Stats) -> StatsSnapshot {
         let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         StatsSnapshot {
-            polls_ok: load(&stats.polls_ok),
-            polls_failed: load(&stats.polls_failed),
-            polls_skipped: load(&stats.polls_skipped),
+            polls: stats.polls_by_meter(),
             batches_appended: load(&stats.batches_appended),
             batches_sent: load(&stats.batches_sent),
             batches_resent: load(&stats.batches_resent),
+            batches_acked: load(&stats.batches_acked),
             samples_dropped: load(&stats.samples_dropped),
             buffer_recoveries: load(&stats.buffer_recoveries),
             buffer_batches: load(&stats.buffer_batches),
@@ -84,29 +90,53 @@ pub(crate) fn render(stats: &StatsSnapshot, labels: &Labels, now_ms: i64) -> Str
         escape(&labels.gateway)
     );
     let mut out = String::with_capacity(2048);
-    let mut family = |name: &str, kind: &str, help: &str, series: &[(&str, String)]| {
+    let mut family = |name: &str, kind: &str, help: &str, series: &[(String, String)]| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (extra, value) in series {
             out.push_str(&format!("{name}{{{base}{extra}}} {value}\n"));
         }
     };
-    let one = |value: u64| [("", value.to_string())];
+    let one = |value: u64| [(String::new(), value.to_string())];
 
+    let polls = stats
+        .polls
+        .iter()
+        .fold(PollCounts::default(), |sum, (_, counts)| sum.add(*counts));
     family(
         "facwatch_gateway_polls_total",
         "counter",
         "Poll slots by result: ok (values read), failed (meter asked, no values), skipped (meter backing off, not asked).",
         &[
-            (",result=\"ok\"", stats.polls_ok.to_string()),
-            (
-                ",result=\"failed\"",
-                stats
-                    .polls_failed
-                    .saturating_sub(stats.polls_skipped)
-                    .to_string(),
-            ),
-            (",result=\"skipped\"", stats.polls_skipped.to_string()),
+            (",result=\"ok\"".into(), polls.ok.to_string()),
+            (",result=\"failed\"".into(), polls.failed().to_string()),
+            (",result=\"skipped\"".into(), polls.skipped().to_string()),
         ],
+    );
+    let errors: Vec<(String, String)> = stats
+        .polls
+        .iter()
+        .flat_map(|(meter, counts)| {
+            let meter = escape(meter);
+            [
+                ("timeout", counts.timeout),
+                ("exception", counts.exception),
+                ("decode", counts.decode),
+                ("unreachable", counts.unreachable),
+                ("backed_off", counts.backed_off),
+            ]
+            .map(|(kind, value)| {
+                (
+                    format!(",meter=\"{meter}\",kind=\"{kind}\""),
+                    value.to_string(),
+                )
+            })
+        })
+        .collect();
+    family(
+        "facwatch_gateway_poll_errors_total",
+        "counter",
+        "Poll slots without values, by meter and kind: timeout (no answer in time), exception (Modbus exception), decode (answer did not decode), unreachable (no link), backed_off (not asked while backing off).",
+        &errors,
     );
     family(
         "facwatch_gateway_batches_appended_total",
@@ -125,6 +155,12 @@ pub(crate) fn render(stats: &StatsSnapshot, labels: &Labels, now_ms: i64) -> Str
         "counter",
         "Batches published again after a reconnect or an ack timeout during this run.",
         &one(stats.batches_resent),
+    );
+    family(
+        "facwatch_gateway_batches_acked_total",
+        "counter",
+        "Batches the ingest's acks removed from the buffer during this run.",
+        &one(stats.batches_acked),
     );
     family(
         "facwatch_gateway_samples_dropped_total",
@@ -154,7 +190,10 @@ pub(crate) fn render(stats: &StatsSnapshot, labels: &Labels, now_ms: i64) -> Str
         "facwatch_gateway_oldest_unacked_sample_age_seconds",
         "gauge",
         "Age by the gateway's clock of the oldest sample waiting for an ack; 0 when none waits.",
-        &[("", unacked_age_secs(stats.oldest_unacked_sample_ms, now_ms))],
+        &[(
+            String::new(),
+            unacked_age_secs(stats.oldest_unacked_sample_ms, now_ms),
+        )],
     );
     family(
         "facwatch_gateway_acked_seq",
@@ -261,12 +300,34 @@ mod tests {
     #[test]
     fn every_series_is_rendered_with_help_type_and_labels() {
         let stats = StatsSnapshot {
-            polls_ok: 40,
-            polls_failed: 7,
-            polls_skipped: 3,
+            polls: vec![
+                (
+                    "stenter".into(),
+                    PollCounts {
+                        ok: 38,
+                        timeout: 1,
+                        exception: 0,
+                        decode: 2,
+                        unreachable: 0,
+                        backed_off: 0,
+                    },
+                ),
+                (
+                    "fan".into(),
+                    PollCounts {
+                        ok: 2,
+                        timeout: 0,
+                        exception: 1,
+                        decode: 0,
+                        unreachable: 0,
+                        backed_off: 3,
+                    },
+                ),
+            ],
             batches_appended: 5,
             batches_sent: 4,
             batches_resent: 2,
+            batches_acked: 3,
             samples_dropped: 9,
             buffer_recoveries: 1,
             buffer_batches: 3,
@@ -283,6 +344,18 @@ mod tests {
 facwatch_gateway_polls_total{{{l},result=\"ok\"}} 40
 facwatch_gateway_polls_total{{{l},result=\"failed\"}} 4
 facwatch_gateway_polls_total{{{l},result=\"skipped\"}} 3
+# HELP facwatch_gateway_poll_errors_total Poll slots without values, by meter and kind: timeout (no answer in time), exception (Modbus exception), decode (answer did not decode), unreachable (no link), backed_off (not asked while backing off).
+# TYPE facwatch_gateway_poll_errors_total counter
+facwatch_gateway_poll_errors_total{{{l},meter=\"stenter\",kind=\"timeout\"}} 1
+facwatch_gateway_poll_errors_total{{{l},meter=\"stenter\",kind=\"exception\"}} 0
+facwatch_gateway_poll_errors_total{{{l},meter=\"stenter\",kind=\"decode\"}} 2
+facwatch_gateway_poll_errors_total{{{l},meter=\"stenter\",kind=\"unreachable\"}} 0
+facwatch_gateway_poll_errors_total{{{l},meter=\"stenter\",kind=\"backed_off\"}} 0
+facwatch_gateway_poll_errors_total{{{l},meter=\"fan\",kind=\"timeout\"}} 0
+facwatch_gateway_poll_errors_total{{{l},meter=\"fan\",kind=\"exception\"}} 1
+facwatch_gateway_poll_errors_total{{{l},meter=\"fan\",kind=\"decode\"}} 0
+facwatch_gateway_poll_errors_total{{{l},meter=\"fan\",kind=\"unreachable\"}} 0
+facwatch_gateway_poll_errors_total{{{l},meter=\"fan\",kind=\"backed_off\"}} 3
 # HELP facwatch_gateway_batches_appended_total Batches stored in the buffer during this run.
 # TYPE facwatch_gateway_batches_appended_total counter
 facwatch_gateway_batches_appended_total{{{l}}} 5
@@ -292,6 +365,9 @@ facwatch_gateway_batches_sent_total{{{l}}} 4
 # HELP facwatch_gateway_batches_resent_total Batches published again after a reconnect or an ack timeout during this run.
 # TYPE facwatch_gateway_batches_resent_total counter
 facwatch_gateway_batches_resent_total{{{l}}} 2
+# HELP facwatch_gateway_batches_acked_total Batches the ingest's acks removed from the buffer during this run.
+# TYPE facwatch_gateway_batches_acked_total counter
+facwatch_gateway_batches_acked_total{{{l}}} 3
 # HELP facwatch_gateway_samples_dropped_total Samples the buffer's size and age limits dropped (lifetime of the buffer file).
 # TYPE facwatch_gateway_samples_dropped_total counter
 facwatch_gateway_samples_dropped_total{{{l}}} 9
@@ -352,20 +428,96 @@ facwatch_gateway_acked_seq{{{l}}} 17
         );
     }
 
+    /// The values of `family` in `text`, by the labels after `site` and
+    /// `gateway`.
+    fn series(text: &str, family: &str) -> Vec<(String, u64)> {
+        let prefix = format!("{family}{{site=\"tx-dyeing\",gateway=\"gw-01\"");
+        text.lines()
+            .filter_map(|line| {
+                let (labels, value) = line.strip_prefix(&prefix)?.rsplit_once("} ")?;
+                Some((
+                    labels.trim_start_matches(',').to_string(),
+                    value.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+
     #[test]
-    fn skipped_polls_are_not_counted_twice() {
+    fn poll_errors_by_kind_partition_the_failed_and_skipped_polls() {
+        let counts = |ok, timeout, exception, decode, unreachable, backed_off| PollCounts {
+            ok,
+            timeout,
+            exception,
+            decode,
+            unreachable,
+            backed_off,
+        };
         let stats = StatsSnapshot {
-            polls_ok: 1,
-            polls_failed: 5,
-            polls_skipped: 5,
+            polls: vec![
+                ("a".into(), counts(7, 1, 2, 3, 4, 5)),
+                ("b".into(), counts(1, 10, 20, 30, 40, 50)),
+                ("c".into(), counts(0, 0, 0, 0, 0, 0)),
+            ],
             ..StatsSnapshot::default()
         };
         let text = render(&stats, &labels(), 0);
-        assert!(text.contains(
-            "facwatch_gateway_polls_total{site=\"tx-dyeing\",gateway=\"gw-01\",result=\"failed\"} 0\n"
-        ));
-        assert!(text.contains(
-            "facwatch_gateway_polls_total{site=\"tx-dyeing\",gateway=\"gw-01\",result=\"skipped\"} 5\n"
-        ));
+        assert_eq!(
+            series(&text, "facwatch_gateway_polls_total"),
+            vec![
+                ("result=\"ok\"".to_string(), 8),
+                ("result=\"failed\"".to_string(), 110),
+                ("result=\"skipped\"".to_string(), 55),
+            ]
+        );
+        let errors = series(&text, "facwatch_gateway_poll_errors_total");
+        assert_eq!(
+            errors.len(),
+            3 * 5,
+            "every meter has every kind: {errors:?}"
+        );
+        let sum = |kinds: &[&str]| -> u64 {
+            errors
+                .iter()
+                .filter(|(labels, _)| {
+                    kinds
+                        .iter()
+                        .any(|k| labels.ends_with(&format!("kind=\"{k}\"")))
+                })
+                .map(|(_, v)| v)
+                .sum()
+        };
+        assert_eq!(sum(&["timeout", "exception", "decode", "unreachable"]), 110);
+        assert_eq!(sum(&["backed_off"]), 55);
+        assert!(errors.contains(&("meter=\"b\",kind=\"unreachable\"".to_string(), 40)));
+        assert!(errors.contains(&("meter=\"c\",kind=\"timeout\"".to_string(), 0)));
+    }
+
+    #[test]
+    fn a_gateway_with_no_meter_counted_yet_has_zero_polls_and_no_error_series() {
+        let text = render(&StatsSnapshot::default(), &labels(), 0);
+        assert_eq!(
+            series(&text, "facwatch_gateway_polls_total"),
+            vec![
+                ("result=\"ok\"".to_string(), 0),
+                ("result=\"failed\"".to_string(), 0),
+                ("result=\"skipped\"".to_string(), 0),
+            ]
+        );
+        assert!(series(&text, "facwatch_gateway_poll_errors_total").is_empty());
+        assert!(text.contains("# TYPE facwatch_gateway_poll_errors_total counter\n"));
+    }
+
+    #[test]
+    fn meter_label_values_are_escaped() {
+        let stats = StatsSnapshot {
+            polls: vec![("m\"1".into(), PollCounts::default())],
+            ..StatsSnapshot::default()
+        };
+        let text = render(&stats, &labels(), 0);
+        assert!(
+            text.contains("meter=\"m\\\"1\",kind=\"timeout\"} 0\n"),
+            "{text}"
+        );
     }
 }

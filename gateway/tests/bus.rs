@@ -53,6 +53,7 @@ fn poll_settings(interval: Duration, meters: Vec<Meter>) -> PollSettings {
         clock: Clock::real(),
         until_ms: None,
         meters,
+        meter_lines: Default::default(),
     }
 }
 

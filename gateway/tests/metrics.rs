@@ -1,7 +1,9 @@
 //! The gateway's metrics endpoint from outside: a real `run` with
 //! `[metrics]` on 127.0.0.1:0, asked over a plain TCP socket in HTTP/1.1.
 //! The broker is unreachable on purpose: batches stay in the buffer, so
-//! every counter has a value known in advance.
+//! every counter has a value known in advance. The meters fail in every
+//! way a poll can (one each): no answer, a Modbus exception, an answer that
+//! does not decode, and a device server nobody listens on.
 
 mod common;
 
@@ -20,6 +22,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 const GOOD_UNIT: u8 = 1;
+const SILENT_UNIT: u8 = 2;
+const REFUSING_UNIT: u8 = 3;
+const GARBLED_UNIT: u8 = 4;
 /// 2022-12-13T00:00:00+08:00, a multiple of the poll and batch intervals.
 const START_MS: i64 = 1_670_860_800_000;
 const POLL_INTERVAL_MS: i64 = 10_000;
@@ -28,7 +33,9 @@ const TIME_SCALE: f64 = 10.0;
 const SLOTS: i64 = 4;
 const LABELS: &str = "site=\"metrics-site\",gateway=\"gw-metrics\"";
 
-fn site(modbus: SocketAddr) -> Site {
+/// `modbus` serves the meters `good`, `silent`, `refusing` and `garbled`;
+/// nothing listens at `absent`.
+fn site(modbus: SocketAddr, absent: SocketAddr) -> Site {
     let text = format!(
         r#"
 [site]
@@ -52,7 +59,28 @@ id = "silent"
 gateway = "gw-metrics"
 profile = "sdm630"
 tcp = "{modbus}"
-unit = 2
+unit = {SILENT_UNIT}
+
+[[meters]]
+id = "refusing"
+gateway = "gw-metrics"
+profile = "sdm630"
+tcp = "{modbus}"
+unit = {REFUSING_UNIT}
+
+[[meters]]
+id = "garbled"
+gateway = "gw-metrics"
+profile = "sdm630"
+tcp = "{modbus}"
+unit = {GARBLED_UNIT}
+
+[[meters]]
+id = "absent"
+gateway = "gw-metrics"
+profile = "sdm630"
+tcp = "{absent}"
+unit = 1
 
 [[lines]]
 id = "line1"
@@ -77,8 +105,9 @@ start_threshold_kw = 4
     Site::from_toml(&text, "metrics.site.toml").unwrap()
 }
 
-/// A Modbus TCP server whose unit 1 is an SDM630 and whose other units
-/// never answer.
+/// A Modbus TCP server whose unit 1 is an SDM630, unit 3 answers every
+/// request with exception 2 (illegal data address), unit 4 with one
+/// register whatever was asked, and whose other units never answer.
 async fn start_meters() -> FakeServer {
     let values = Values {
         power_kw: Some(17.5),
@@ -90,12 +119,11 @@ async fn start_meters() -> FakeServer {
     let registers = image(ProfileName::Sdm630, &values, Ratios::default());
     FakeServer::start(
         Framing::Tcp,
-        Arc::new(move |request| {
-            if request.unit == GOOD_UNIT {
-                Reply::Words(words(&registers, request))
-            } else {
-                Reply::Silent
-            }
+        Arc::new(move |request| match request.unit {
+            GOOD_UNIT => Reply::Words(words(&registers, request)),
+            REFUSING_UNIT => Reply::Exception(2),
+            GARBLED_UNIT => Reply::Words(vec![0]),
+            _ => Reply::Silent,
         }),
     )
     .await
@@ -115,7 +143,9 @@ fn closed_port() -> u16 {
 fn settings(modbus: SocketAddr, buffer: &std::path::Path, metrics: SocketAddr) -> Settings {
     let clock = Clock::simulated(START_MS, wall_now_ms() + 1000, TIME_SCALE);
     let mqtt = MqttSettings::new("127.0.0.1", closed_port(), "gw-metrics");
-    let mut settings = Settings::new(&site(modbus), "gw-metrics", mqtt, buffer, clock).unwrap();
+    let absent = SocketAddr::from(([127, 0, 0, 1], closed_port()));
+    let mut settings =
+        Settings::new(&site(modbus, absent), "gw-metrics", mqtt, buffer, clock).unwrap();
     settings.poll_until_ms = Some(START_MS + SLOTS * POLL_INTERVAL_MS);
     settings.metrics_listen = Some(metrics);
     settings
@@ -147,6 +177,23 @@ async fn wait_until(mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The meters of the site, in site-file order.
+const METERS: [&str; 5] = ["good", "silent", "refusing", "garbled", "absent"];
+
+/// The kinds of `facwatch_gateway_poll_errors_total`, in rendering order.
+const KINDS: [&str; 5] = [
+    "timeout",
+    "exception",
+    "decode",
+    "unreachable",
+    "backed_off",
+];
+
+/// The series of `meter`'s poll errors of `kind`.
+fn error_series(meter: &str, kind: &str) -> String {
+    format!("facwatch_gateway_poll_errors_total{{{LABELS},meter=\"{meter}\",kind=\"{kind}\"}}")
+}
+
 /// The value of the series `name{labels}` in an exposition text.
 fn value_of<'a>(text: &'a str, series: &str) -> Option<&'a str> {
     text.lines()
@@ -176,7 +223,7 @@ async fn metrics_show_the_runs_counters_and_stop_with_the_gateway() {
         assert_ne!(address.port(), 0);
 
         // Bound before the first poll: the endpoint answers at once, with
-        // nothing counted yet.
+        // nothing counted yet, and every meter's error series already there.
         let (status, body) = get(address, "/metrics").await;
         assert_eq!(status, "HTTP/1.1 200 OK");
         assert_eq!(
@@ -186,6 +233,15 @@ async fn metrics_show_the_runs_counters_and_stop_with_the_gateway() {
             ),
             Some("0")
         );
+        for meter in METERS {
+            for kind in KINDS {
+                assert_eq!(
+                    value_of(&body, &error_series(meter, kind)),
+                    Some("0"),
+                    "{meter} {kind} in:\n{body}"
+                );
+            }
+        }
         assert_eq!(
             get(address, "/healthz").await,
             ("HTTP/1.1 200 OK".into(), "ok".into())
@@ -196,31 +252,76 @@ async fn metrics_show_the_runs_counters_and_stop_with_the_gateway() {
         wait_until(|| stats.batches_appended.load(Ordering::Relaxed) == 2).await;
         let (_, body) = get(address, "/metrics").await;
 
-        let polled =
-            stats.polls_ok.load(Ordering::Relaxed) + stats.polls_failed.load(Ordering::Relaxed);
-        assert_eq!(polled, 2 * SLOTS as u64, "two meters, every slot");
-        let skipped = stats.polls_skipped.load(Ordering::Relaxed);
-        let failed = stats.polls_failed.load(Ordering::Relaxed) - skipped;
-        // The silent meter is asked in slot 0, skipped in slot 1 (backoff 1),
-        // asked in slot 2, skipped in slot 3 (backoff 2, cut by the end).
-        assert_eq!((failed, skipped), (2, 2));
+        let polls = stats.polls();
+        assert_eq!(polls.total(), 5 * SLOTS as u64, "five meters, every slot");
+        // A meter that fails without a usable answer (silent, refusing,
+        // absent) is asked in slot 0, skipped in slot 1 (backoff 1), asked
+        // in slot 2, skipped in slot 3 (backoff 2, cut by the end). An
+        // answer that does not decode ends no backoff: asked every slot.
+        let by_meter = stats.polls_by_meter();
+        let expected: [(&str, [u64; 6]); 5] = [
+            // ok, timeout, exception, decode, unreachable, backed_off
+            ("good", [4, 0, 0, 0, 0, 0]),
+            ("silent", [0, 2, 0, 0, 0, 2]),
+            ("refusing", [0, 0, 2, 0, 0, 2]),
+            ("garbled", [0, 0, 0, 4, 0, 0]),
+            ("absent", [0, 0, 0, 0, 2, 2]),
+        ];
+        let got: Vec<(&str, [u64; 6])> = by_meter
+            .iter()
+            .map(|(meter, c)| {
+                (
+                    meter.as_str(),
+                    [
+                        c.ok,
+                        c.timeout,
+                        c.exception,
+                        c.decode,
+                        c.unreachable,
+                        c.backed_off,
+                    ],
+                )
+            })
+            .collect();
+        assert_eq!(got, expected, "site-file order, exact counts");
+        assert_eq!((polls.ok, polls.failed(), polls.skipped()), (4, 10, 6));
         let bytes = stats.buffer_bytes.load(Ordering::Relaxed);
         assert!(bytes > 0);
-        for line in [
+        let mut expected_lines = Vec::new();
+        for (meter, counts) in expected {
+            for (kind, value) in KINDS.iter().zip(&counts[1..]) {
+                expected_lines.push(format!("{} {value}", error_series(meter, kind)));
+            }
+        }
+        // The families partition the same slots: the errors of every kind
+        // but backed_off add up to `failed`, backed_off to `skipped`.
+        let sum_of = |kinds: &[&str]| -> u64 {
+            METERS
+                .iter()
+                .flat_map(|meter| kinds.iter().map(move |kind| error_series(meter, kind)))
+                .map(|series| value_of(&body, &series).unwrap().parse::<u64>().unwrap())
+                .sum()
+        };
+        assert_eq!(sum_of(&KINDS[..4]), 10);
+        assert_eq!(sum_of(&KINDS[4..]), 6);
+        for line in expected_lines.into_iter().chain([
             format!("facwatch_gateway_polls_total{{{LABELS},result=\"ok\"}} 4"),
-            format!("facwatch_gateway_polls_total{{{LABELS},result=\"failed\"}} 2"),
-            format!("facwatch_gateway_polls_total{{{LABELS},result=\"skipped\"}} 2"),
+            format!("facwatch_gateway_polls_total{{{LABELS},result=\"failed\"}} 10"),
+            format!("facwatch_gateway_polls_total{{{LABELS},result=\"skipped\"}} 6"),
             format!("facwatch_gateway_batches_appended_total{{{LABELS}}} 2"),
             format!("facwatch_gateway_batches_sent_total{{{LABELS}}} 0"),
             format!("facwatch_gateway_batches_resent_total{{{LABELS}}} 0"),
+            format!("facwatch_gateway_batches_acked_total{{{LABELS}}} 0"),
             format!("facwatch_gateway_samples_dropped_total{{{LABELS}}} 0"),
             format!("facwatch_gateway_buffer_recoveries_total{{{LABELS}}} 0"),
             format!("facwatch_gateway_buffer_batches{{{LABELS}}} 2"),
             format!("facwatch_gateway_buffer_bytes{{{LABELS}}} {bytes}"),
             format!("facwatch_gateway_acked_seq{{{LABELS}}} 0"),
             "# TYPE facwatch_gateway_polls_total counter".to_string(),
+            "# TYPE facwatch_gateway_poll_errors_total counter".to_string(),
+            "# TYPE facwatch_gateway_batches_acked_total counter".to_string(),
             "# TYPE facwatch_gateway_buffer_batches gauge".to_string(),
-        ] {
+        ]) {
             assert!(
                 body.lines().any(|l| l == line),
                 "missing `{line}` in:\n{body}"

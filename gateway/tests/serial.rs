@@ -121,6 +121,7 @@ async fn poll_serial(retries: u32, interval: Duration, polls: usize) -> (Vec<Sam
             clock: Clock::real(),
             until_ms: None,
             meters: vec![serial_meter(path, retries)],
+            meter_lines: Default::default(),
         },
         tx,
         Arc::new(Stats::default()),

@@ -176,6 +176,8 @@ impl GroupBuilder {
 /// How the batcher is set up.
 #[derive(Debug, Clone)]
 pub(crate) struct BatcherPlan {
+    /// Site id, for logs.
+    pub(crate) site: String,
     pub(crate) gateway: String,
     pub(crate) batch_interval: Duration,
     pub(crate) commit_interval: Duration,
@@ -244,7 +246,12 @@ async fn commit(
         .fetch_add(stored.len() as u64, Ordering::Relaxed);
     stats.record_buffer(&meta);
     if let Some(&seq) = stored.last() {
-        tracing::debug!(gateway = %plan.gateway, seq, "Committed batches to the buffer.");
+        tracing::debug!(
+            site = %plan.site,
+            gateway = %plan.gateway,
+            seq,
+            "Committed batches to the buffer."
+        );
         appended.send_replace(seq);
     }
     Ok(())

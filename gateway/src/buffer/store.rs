@@ -244,6 +244,9 @@ pub struct AckApplied {
     pub synced_now: bool,
     /// Held batches given new seqs.
     pub renumbered: u64,
+    /// Held batches the ack deleted (covered by it); 0 for a sync, which
+    /// renumbers instead of deleting.
+    pub released: u64,
     /// The buffer after the ack, read in the same transaction.
     pub meta: BufferMeta,
 }
@@ -851,6 +854,7 @@ impl Buffer {
             let mut applied = AckApplied {
                 synced_now: false,
                 renumbered: 0,
+                released: 0,
                 meta: tables.meta()?,
             };
             if !c.synced || seq >= c.next_seq {
@@ -859,14 +863,15 @@ impl Buffer {
             } else if seq > c.acked_seq {
                 // Only the acked rows are visited and deleted; pages
                 // holding other batches are not rewritten.
-                let mut released = 0;
+                let mut released_bytes = 0;
                 tables.index.retain_in(..=seq, |_, (encoded_len, _, _)| {
-                    released += u64::from(encoded_len);
+                    released_bytes += u64::from(encoded_len);
+                    applied.released += 1;
                     false
                 })?;
                 tables.batches.retain_in(..=seq, |_, _| false)?;
                 tables.counters.acked_seq = seq;
-                tables.counters.bytes = tables.counters.bytes.saturating_sub(released);
+                tables.counters.bytes = tables.counters.bytes.saturating_sub(released_bytes);
             } else {
                 return Ok(applied);
             }
@@ -890,6 +895,7 @@ impl Buffer {
             Ok(AckApplied {
                 synced_now: true,
                 renumbered,
+                released: 0,
                 meta,
             })
         })

@@ -36,6 +36,7 @@ use facwatch_proto::wire::{LinkState, Status, MAX_BATCH_BYTES};
 use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::buffer::{AckApplied, Buffer, BufferError};
 use crate::config::MqttSettings;
@@ -143,13 +144,20 @@ pub(crate) async fn run(
     let (publisher, live) = link::publisher(client);
     let (events_tx, events) = mpsc::channel(LINK_EVENT_CAPACITY);
     let driver_stop = CancellationToken::new();
-    let mut driver = tokio::spawn(link::drive(
-        eventloop,
-        live,
-        topics.ack.clone(),
-        events_tx,
-        driver_stop.clone(),
-    ));
+    // rumqttc's own lines (through `log`: protocol errors, packet traces)
+    // know no site: its event loop runs in this span. At ERROR level so
+    // that no filter that lets such a line through disables its span.
+    let mqtt_span = tracing::error_span!("mqtt", site = %plan.site, gateway = %plan.gateway);
+    let mut driver = tokio::spawn(
+        link::drive(
+            eventloop,
+            live,
+            topics.ack.clone(),
+            events_tx,
+            driver_stop.clone(),
+        )
+        .instrument(mqtt_span),
+    );
 
     let mut forwarder = Forwarder {
         pacer: Pacer::new(plan.replay),
@@ -341,8 +349,12 @@ impl Forwarder {
         let AckApplied {
             synced_now,
             renumbered,
+            released,
             meta,
         } = applied;
+        self.stats
+            .batches_acked
+            .fetch_add(released, Ordering::Relaxed);
         if synced_now {
             tracing::info!(
                 site = %self.plan.site, gateway = %self.plan.gateway,

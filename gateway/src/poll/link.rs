@@ -43,8 +43,9 @@ use facwatch_proto::site::{Meter, SerialLine, Transport};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
-use tokio_modbus::client::{rtu, tcp, Context, Reader};
+use tokio_modbus::client::{rtu, tcp, Client as _, Context};
 use tokio_modbus::slave::{Slave, SlaveContext};
+use tokio_modbus::{Request, Response};
 use tokio_serial::{SerialPort as _, SerialPortBuilderExt as _};
 
 /// Why a read did not produce register words.
@@ -122,15 +123,30 @@ impl BusLink {
                 )));
             };
             context.set_slave(Slave(unit));
-            let call = match read.function {
+            // `Client::call`, not `Reader::read_*_registers`: those
+            // `debug_assert` the register count of the answer, so a meter
+            // answering with too few registers would panic a debug build
+            // instead of reaching the `Garbled` check below.
+            let request = match read.function {
                 FunctionCode::ReadHoldingRegisters => {
-                    context.read_holding_registers(read.address, read.count)
+                    Request::ReadHoldingRegisters(read.address, read.count)
                 }
                 FunctionCode::ReadInputRegisters => {
-                    context.read_input_registers(read.address, read.count)
+                    Request::ReadInputRegisters(read.address, read.count)
                 }
             };
-            let answer = timeout(limit, call).await;
+            let answer = timeout(limit, context.call(request)).await.map(|called| {
+                called.map(|answered| {
+                    answered.map(|response| match response {
+                        Response::ReadHoldingRegisters(words)
+                        | Response::ReadInputRegisters(words) => words,
+                        // tokio-modbus refuses a response of another
+                        // function as a protocol error before this; no
+                        // words would be garbled below anyway.
+                        _ => Vec::new(),
+                    })
+                })
+            });
             self.quiet_since = Some(Instant::now());
             match answer {
                 Err(_) => {
@@ -420,6 +436,8 @@ mod tests {
         Late(f32),
         /// Answers with an exception.
         Refuse(u8),
+        /// Answers with only the first register asked for.
+        Short,
         /// Closes the connection without answering.
         Hang,
         /// Answers with `values(power)`; when told, sends the same frame
@@ -482,6 +500,7 @@ mod tests {
                             Step::Refuse(code) => {
                                 rtu::exception_response(request.unit, request.function, code)
                             }
+                            Step::Short => rtu::read_response(request.unit, function, &[0x4000]),
                             Step::Hang => return,
                             Step::AnswerThenStale(power, _) => answer(power),
                         };
@@ -579,6 +598,28 @@ mod tests {
             }
             assert_eq!(power(&mut link, &meter, 1).await, Ok(3.0));
             assert_eq!(connections.load(Ordering::SeqCst), 1);
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_answer_with_too_few_registers_is_garbled_and_the_link_reopened() {
+        // Regression: tokio-modbus's read_*_registers debug_assert the
+        // count, so this answer panicked the bus task of a debug build.
+        bounded(async {
+            let (address, connections) = rtu_over_tcp(vec![Step::Short, Step::Answer(4.0)]).await;
+            let meter = rtu_meter(address);
+            let mut link = BusLink::new(meter.transport.clone());
+            match power(&mut link, &meter, 1).await {
+                Err(ReadFailure::Garbled(why)) => {
+                    assert!(why.starts_with("asked for "), "{why}");
+                    assert!(why.ends_with(", got 1"), "{why}");
+                }
+                other => panic!("expected a garbled answer, got {other:?}"),
+            }
+            assert_eq!(power(&mut link, &meter, 1).await, Ok(4.0));
+            assert_eq!(connections.load(Ordering::SeqCst), 2);
         })
         .await
         .unwrap();

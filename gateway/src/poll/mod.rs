@@ -27,6 +27,7 @@ pub(crate) mod link;
 pub(crate) mod sample;
 pub(crate) mod schedule;
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,8 +37,9 @@ use facwatch_proto::site::{Meter, Transport};
 use facwatch_proto::wire::{Quality, Sample};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
-use crate::{Settings, Stats};
+use crate::{MeterPolls, Settings, Stats};
 use link::BusLink;
 use sample::{health_change, HealthChange, PollOutcome};
 use schedule::{next_slot, BusSchedule, Turn};
@@ -56,6 +58,8 @@ pub struct PollSettings {
     pub until_ms: Option<i64>,
     /// The meters, in site-file order (which is also the order on each bus).
     pub meters: Vec<Meter>,
+    /// Meter id -> its line, for logs (see `Settings::meter_lines`).
+    pub meter_lines: HashMap<String, String>,
 }
 
 impl PollSettings {
@@ -68,7 +72,13 @@ impl PollSettings {
             clock: settings.clock,
             until_ms: settings.poll_until_ms,
             meters: settings.meters.clone(),
+            meter_lines: settings.meter_lines.clone(),
         }
+    }
+
+    /// The line `meter` belongs to, if it measures a facility of one.
+    fn line_of(&self, meter: &str) -> Option<&str> {
+        self.meter_lines.get(meter).map(String::as_str)
     }
 }
 
@@ -89,6 +99,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), PollError> {
     let settings = Arc::new(settings);
+    // Counters in site-file order, whichever bus task starts first.
+    for meter in &settings.meters {
+        stats.meter_polls(&meter.id);
+    }
     let mut tasks = Vec::new();
     for (bus, meters) in buses(&settings.meters) {
         let task = tokio::spawn(run_bus(
@@ -150,6 +164,7 @@ async fn run_bus(
     let mut schedule = BusSchedule::new(settings.poll_interval, meters.iter().map(|m| m.retries));
     let mut link = BusLink::new(transport.clone());
     let mut health: Vec<Option<Quality>> = vec![None; meters.len()];
+    let counters: Vec<Arc<MeterPolls>> = meters.iter().map(|m| stats.meter_polls(&m.id)).collect();
     let mut last_slot = None;
     tracing::debug!(
         site = %settings.site,
@@ -172,8 +187,7 @@ async fn run_bus(
         for turn in schedule.turns(slot) {
             let (index, outcome, time_ms) = match turn {
                 Turn::Skip { meter } => {
-                    stats.polls_skipped.fetch_add(1, Ordering::Relaxed);
-                    stats.polls_failed.fetch_add(1, Ordering::Relaxed);
+                    count(&counters[meter], &PollOutcome::BackedOff);
                     (meter, PollOutcome::BackedOff, clock.now_ms())
                 }
                 Turn::Poll {
@@ -186,7 +200,8 @@ async fn run_bus(
                         Some(why) => PollOutcome::Unreachable(why.clone()),
                         None => tokio::select! {
                             () = stop.cancelled() => break 'slots,
-                            result = link::read_meter(&mut link, meter, attempts) => {
+                            result = link::read_meter(&mut link, meter, attempts)
+                                .instrument(read_span(&settings, &transport, meter)) => {
                                 PollOutcome::of_reads(meter, result)
                             }
                         },
@@ -197,7 +212,7 @@ async fn run_bus(
                     let quality = outcome.quality();
                     let cost_ms = clock.now_ms() - started_ms;
                     schedule.record(index, slot, quality, cost_ms);
-                    count(&stats, quality);
+                    count(&counters[index], &outcome);
                     log_health(&settings, &transport, meter, health[index], &outcome);
                     health[index] = Some(quality);
                     (index, outcome, started_ms)
@@ -212,11 +227,31 @@ async fn run_bus(
     }
 }
 
-fn count(stats: &Stats, quality: Quality) {
-    let counter = if quality == Quality::Ok {
-        &stats.polls_ok
-    } else {
-        &stats.polls_failed
+/// The span a meter's read runs in. Our own lines carry their fields
+/// explicitly; this is for the lines of the Modbus stack (tokio-modbus logs
+/// frames it cannot decode, e.g. CRC errors on a noisy RS-485 line) and of
+/// the link, which know no site. At ERROR level so that no log filter that
+/// lets such a line through disables its span.
+fn read_span(settings: &PollSettings, transport: &Transport, meter: &Meter) -> tracing::Span {
+    tracing::error_span!(
+        "poll",
+        site = %settings.site,
+        gateway = %settings.gateway,
+        bus = %transport.bus(),
+        meter = %meter.id,
+        line = settings.line_of(&meter.id),
+    )
+}
+
+/// Adds the slot to its meter's counter of its outcome's kind.
+fn count(polls: &MeterPolls, outcome: &PollOutcome) {
+    let counter = match outcome {
+        PollOutcome::Read(_) => &polls.ok,
+        PollOutcome::Timeout => &polls.timeout,
+        PollOutcome::Exception(_) => &polls.exception,
+        PollOutcome::Garbled(_) => &polls.decode,
+        PollOutcome::Unreachable(_) => &polls.unreachable,
+        PollOutcome::BackedOff => &polls.backed_off,
     };
     counter.fetch_add(1, Ordering::Relaxed);
 }
@@ -233,6 +268,7 @@ fn log_health(
             site = %settings.site,
             gateway = %settings.gateway,
             meter = %meter.id,
+            line = settings.line_of(&meter.id),
             bus = %transport.bus(),
             unit = meter.unit,
             quality = quality.as_str(),
@@ -243,6 +279,7 @@ fn log_health(
             site = %settings.site,
             gateway = %settings.gateway,
             meter = %meter.id,
+            line = settings.line_of(&meter.id),
             bus = %transport.bus(),
             unit = meter.unit,
             "Meter gives readings again."

@@ -128,13 +128,16 @@ fn ack_deletes_every_batch_up_to_seq_and_seqs_are_not_reused() {
     buffer.sync_with_ingest(0).unwrap();
     let applied = buffer.ack(3).unwrap();
     assert!(!applied.synced_now);
+    assert_eq!(applied.released, 3);
     assert_eq!(applied.meta.batches, 2);
     assert_eq!(applied.meta.bytes, 2 * stored_len(1));
     assert_eq!(seqs(&buffer), vec![4, 5]);
     // A stale ack changes nothing.
-    assert_eq!(buffer.ack(2).unwrap().meta, applied.meta);
+    let stale = buffer.ack(2).unwrap();
+    assert_eq!((stale.released, stale.meta), (0, applied.meta));
     assert_eq!(buffer.meta().unwrap().acked_seq, 3);
     let applied = buffer.ack(5).unwrap();
+    assert_eq!(applied.released, 2);
     assert_eq!((applied.meta.batches, applied.meta.bytes), (0, 0));
     assert_eq!(applied.meta.oldest_sample_ms, None);
     assert!(seqs(&buffer).is_empty());
@@ -232,7 +235,7 @@ fn an_ack_beyond_every_stored_batch_renumbers_instead_of_deleting() {
     buffer.append(&mut batch(2), 0).unwrap();
     let applied = buffer.ack(500).unwrap();
     assert!(applied.synced_now);
-    assert_eq!(applied.renumbered, 2);
+    assert_eq!((applied.renumbered, applied.released), (2, 0));
     assert_eq!(seqs(&buffer), vec![501, 502]);
     assert_eq!(stored(&buffer)[1].samples.len(), 2);
     assert_eq!(buffer.append(&mut batch(1), 0).unwrap(), Some(503));
