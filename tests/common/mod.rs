@@ -22,6 +22,7 @@ pub(crate) async fn run_plant(ingest_outage: Option<(i64, i64)>) -> (Outcome, Ve
         window: Some((hm(13, 0), hm(17, 0))),
         time_scale: Some(600.0),
         ingest_outage,
+        ..Options::default()
     };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let scenario = facwatch::builtin_scenario().unwrap();
