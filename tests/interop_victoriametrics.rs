@@ -31,6 +31,9 @@ use serde_json::Value;
 
 const TIME_SCALE: f64 = 1440.0;
 
+/// One exported series: its labels and its points (timestamp ms, value).
+type Series = (BTreeMap<String, String>, Vec<(i64, f64)>);
+
 /// A VictoriaMetrics of its own: data directory in the test's temp dir, a
 /// port kept across restarts.
 struct VictoriaMetrics {
@@ -84,7 +87,7 @@ impl VictoriaMetrics {
 
     /// Every series matching `selector`, from the export API: (labels,
     /// [(timestamp ms, value)]).
-    fn export(&self, selector: &str) -> Vec<(BTreeMap<String, String>, Vec<(i64, f64)>)> {
+    fn export(&self, selector: &str) -> Vec<Series> {
         let (status, _) = http(
             self.address,
             "GET",
