@@ -674,9 +674,13 @@ impl ApplyTask {
                     }
                 }
                 Ok(Err(e)) => {
-                    warn!(gateway, error = %e, "Replay summary not stored; retrying.");
+                    let site = self.applier.site_id(&gateway);
+                    warn!(site, gateway, error = %e, "Replay summary not stored; retrying.");
                 }
-                Err(e) => warn!(gateway, error = %e, "Replay summary task failed; retrying."),
+                Err(e) => {
+                    let site = self.applier.site_id(&gateway);
+                    warn!(site, gateway, error = %e, "Replay summary task failed; retrying.");
+                }
             }
         }
     }
@@ -764,13 +768,24 @@ impl ApplyTask {
             self.stats.add(|s| &s.batches_deferred, count);
             return;
         }
+        // For the log if the apply task dies (the group is gone then).
+        let mut gateways: Vec<String> = Vec::new();
+        for batch in &batches {
+            if !gateways.contains(&batch.gateway) {
+                gateways.push(batch.gateway.clone());
+            }
+        }
         let group = self.applier.prepare(batches);
         let now_ms = self.clock.now_ms();
         let lag_ms = self.notices.historical_lag.as_millis() as i64;
         let outcome = match tokio::task::spawn_blocking(move || group.apply(now_ms, lag_ms)).await {
             Ok(outcome) => outcome,
             Err(e) => {
-                error!(batches = count, error = %e, "Applying a group of batches failed; not acking.");
+                let sites: Vec<&str> = gateways
+                    .iter()
+                    .filter_map(|g| self.applier.site_id(g))
+                    .collect();
+                error!(?sites, ?gateways, batches = count, error = %e, "Applying a group of batches failed; not acking.");
                 self.stats.add(|s| &s.apply_failures, count);
                 return;
             }
