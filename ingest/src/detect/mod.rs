@@ -1623,7 +1623,18 @@ impl Event {
             "duration_secs": self.duration_secs(),
             "facilities": self.facilities,
             "historical": self.historical,
-            "evidence": self.evidence,
+            "evidence": self
+                .evidence
+                .iter()
+                .map(|(facility, e)| {
+                    let power = serde_json::json!({
+                        "min_kw": kw_json(e.min_kw),
+                        "avg_kw": kw_json(e.avg_kw),
+                        "max_kw": kw_json(e.max_kw),
+                    });
+                    (facility.clone(), power)
+                })
+                .collect::<serde_json::Map<_, _>>(),
             "notice": { "zh": self.notice_zh, "en": self.notice_en },
         });
         if let (Some(loss), Some(fields)) = (self.data_loss, json.as_object_mut()) {
@@ -1632,6 +1643,17 @@ impl Event {
         }
         json
     }
+}
+
+/// A power in kW as JSON: the f32's shortest decimal (`9.7`, not
+/// `9.699999809265137`), `null` if not finite.
+pub(crate) fn kw_json(power: f32) -> serde_json::Value {
+    power
+        .to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(serde_json::Value::Null, serde_json::Value::Number)
 }
 
 fn encode_versioned<T: Serialize + ?Sized>(version: u8, value: &T) -> Vec<u8> {

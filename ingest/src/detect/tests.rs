@@ -667,3 +667,11 @@ fn frozen_power_for_an_hour_is_r7_and_a_counter_going_back_is_a_point_event() {
         )]
     );
 }
+
+#[test]
+fn power_in_json_is_the_f32_as_the_meter_gave_it() {
+    use serde_json::json;
+    assert_eq!(kw_json(9.7), json!(9.7));
+    assert_eq!(kw_json(110.0), json!(110.0));
+    assert_eq!(kw_json(f32::NAN), serde_json::Value::Null);
+}

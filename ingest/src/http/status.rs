@@ -154,7 +154,7 @@ pub(crate) fn render(site: &Site, state: &SiteState) -> Value {
                             Role::Treatment => "treatment",
                         },
                         "state": state_name(status.map_or(State::Unknown, |s| s.state)),
-                        "last_power_kw": status.and_then(|s| s.last_power_kw).map(kw),
+                        "last_power_kw": status.and_then(|s| s.last_power_kw).map(crate::detect::kw_json),
                         "last_sample_time": time(status.and_then(|s| s.last_sample_ms)),
                     })
                 })
@@ -179,14 +179,6 @@ pub(crate) fn render(site: &Site, state: &SiteState) -> Value {
 
 /// A power reading as JSON: the shortest decimal that is the `f32` (so a
 /// meter's 9.7 shows as 9.7, not as the `f64` 9.699999809265137).
-fn kw(power: f32) -> Value {
-    power
-        .to_string()
-        .parse::<f64>()
-        .ok()
-        .and_then(serde_json::Number::from_f64)
-        .map_or(Value::Null, Value::Number)
-}
 
 fn state_name(state: State) -> &'static str {
     match state {
@@ -230,12 +222,5 @@ mod tests {
             let parsed: FacilityKind = serde_json::from_value(json!(kind_name(kind))).unwrap();
             assert_eq!(parsed, kind);
         }
-    }
-
-    #[test]
-    fn power_shows_as_the_meter_gave_it() {
-        assert_eq!(kw(9.7), json!(9.7));
-        assert_eq!(kw(110.0), json!(110.0));
-        assert_eq!(kw(f32::NAN), Value::Null);
     }
 }
