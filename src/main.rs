@@ -160,21 +160,21 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         outcome.samples_produced
     );
     if let Some(addr) = args.serve {
-        serve(outcome.ingest, addr).await?;
+        serve(outcome.ingest, outcome.ingest_stats, addr).await?;
     }
     Ok(())
 }
 
-/// Runs the ingest again over the day's store, on the wall clock, so its
-/// HTTP API answers until SIGINT or SIGTERM.
+/// Runs the ingest again over the day's store, on the wall clock and with
+/// the day's counters, so its HTTP API answers until SIGINT or SIGTERM.
 async fn serve(
     mut settings: facwatch_ingest::Settings,
+    stats: std::sync::Arc<facwatch_ingest::Stats>,
     addr: std::net::SocketAddr,
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     settings.clock = facwatch_proto::clock::Clock::real();
     settings.http = Some(facwatch_ingest::HttpSettings { listen: addr });
-    let stats = std::sync::Arc::new(facwatch_ingest::Stats::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut terminate = signal(SignalKind::terminate())?;
     let ingest = tokio::spawn(facwatch_ingest::run(
