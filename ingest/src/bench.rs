@@ -5,7 +5,9 @@
 //! `cargo test -p facwatch-ingest --release --lib -- --ignored --nocapture apply_throughput`
 //! with `BENCH_BATCHES` (default 1,000), `BENCH_POLLS` (polls of the 10
 //! meters per batch, default 100: 1,000 samples) and `BENCH_GROUP` (batches
-//! per group, default [`MAX_GROUP_BATCHES`]).
+//! per group, default [`MAX_GROUP_BATCHES`]); `BENCH_INFLUX=1` also
+//! queues every applied batch in the InfluxDB outbox, and measures the
+//! writer's rendering of it as line protocol alone.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -110,6 +112,31 @@ fn apply_throughput() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(&dir.path().join("ingest.redb")).unwrap());
     let mut applier = Applier::new(std::slice::from_ref(&site), store.clone(), Vec::new()).unwrap();
+    let influx = env("BENCH_INFLUX", 0) == 1;
+    if influx {
+        let rendering = crate::emit::influx::Rendering {
+            precision: crate::config::Precision::Milliseconds,
+            readings: true,
+            events: true,
+            max_lines: 5000,
+        };
+        let mut renderer = crate::emit::influx::Renderer::new(std::slice::from_ref(&site));
+        let started = Instant::now();
+        let mut bytes = 0;
+        for payload in &payloads {
+            let batch = Batch::decode(payload).unwrap();
+            let mut out = Vec::new();
+            renderer.render_batch(&batch, rendering.precision, &mut out);
+            bytes += out.len();
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "  decode + render alone (the writer's work): {secs:.3} s ({:.0} ns/sample), {:.0} bytes/line",
+            secs * 1e9 / samples as f64,
+            bytes as f64 / samples as f64
+        );
+        applier = applier.with_influx(rendering);
+    }
     let (mut decode_secs, mut apply_secs, mut groups) = (0.0, 0.0, 0);
     for chunk in payloads.chunks(group_size) {
         let started = Instant::now();

@@ -135,7 +135,8 @@ pub struct InfluxSettings {
     pub events: bool,
     /// Most lines in one write request.
     pub max_lines_per_write: usize,
-    /// Bound of the on-disk outbox (line protocol bytes). While it holds
+    /// Bound of the on-disk outbox (bytes of the queued batches, about 64
+    /// a sample, and event lines). While it holds
     /// this much the ingest applies no batch (and so acks none).
     pub max_outbox_bytes: u64,
     /// Bound on one write request (connect, send, response).

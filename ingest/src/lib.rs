@@ -160,6 +160,7 @@ pub async fn run(
     let influx_writer = influx_writer.map(|writer| {
         tokio::spawn(emit::influx::run(
             writer,
+            emit::influx::Renderer::new(&settings.sites),
             store.clone(),
             stats.clone(),
             influx_changed.clone(),

@@ -397,8 +397,10 @@ async fn a_full_outbox_stops_acking_until_influxdb_takes_the_backlog() {
         let broker = start_embedded("127.0.0.1:0".parse().unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut influx = settings(url);
-        // About 250 bytes a reading: two 40-sample batches fill it.
-        influx.max_outbox_bytes = 15_000;
+        // The outbox holds the applied batches themselves: the first two
+        // fill it.
+        influx.max_outbox_bytes =
+            (batch(1, 0, 20, 0).encode().len() + batch(2, 20, 20, 0).encode().len()) as u64;
         let ingest = start(&broker, &dir.path().join("ingest.redb"), influx);
         timeout(
             LIMIT,

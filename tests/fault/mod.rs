@@ -312,6 +312,11 @@ impl Mosquitto {
     /// Writes the config (one loopback listener, no anonymous access,
     /// `user`/`password` in a password file, persistence on) and starts it.
     pub(crate) fn start(dir: &Path, user: &str, password: &str) -> Mosquitto {
+        Mosquitto::start_with(dir, user, password, "")
+    }
+
+    /// [`Mosquitto::start`] with `extra` lines at the end of its config.
+    pub(crate) fn start_with(dir: &Path, user: &str, password: &str, extra: &str) -> Mosquitto {
         let data = dir.join("mosquitto");
         std::fs::create_dir_all(&data).expect("mosquitto dir");
         let passwords = data.join("passwd");
@@ -334,6 +339,7 @@ impl Mosquitto {
         if std::env::var("USER").as_deref() == Ok("root") || is_root() {
             config.push_str("user root\n");
         }
+        config.push_str(extra);
         let config_path = data.join("mosquitto.conf");
         std::fs::write(&config_path, config).expect("writing mosquitto.conf");
         let mut broker = Mosquitto {

@@ -225,7 +225,7 @@ pub(crate) fn render(
         ),
         (
             "influx_outbox_bytes",
-            "Bytes of line protocol waiting in the InfluxDB outbox (at max_outbox_bytes the ingest stops applying batches).",
+            "Bytes waiting in the InfluxDB outbox: the applied batches (about 64 bytes a sample) and event lines; at max_outbox_bytes the ingest stops applying batches.",
             influx.map(|d| d.bytes),
         ),
     ] {

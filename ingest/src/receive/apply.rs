@@ -71,7 +71,7 @@ use super::reject::{short_name, RejectLog, RejectReason};
 use super::Inbound;
 use crate::config::NoticeSettings;
 use crate::detect::{DataLoss, GatewayDetector, Rule};
-use crate::emit::influx::{self, Chunks, MeterIndex, Rendering};
+use crate::emit::influx::{Pending, Rendering};
 use crate::emit::notice::{Alert, AlertKind, ReplaySummary};
 use crate::emit::{self, Publisher};
 use crate::stats::{Stats, WebhookCounter};
@@ -89,7 +89,6 @@ pub(crate) const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
 
 struct GatewayState {
     site: Arc<Site>,
-    meters: Arc<MeterIndex>,
     detector: GatewayDetector,
     last_seq: Option<u64>,
 }
@@ -112,7 +111,6 @@ pub(crate) struct Applier {
 pub(crate) struct Work {
     pub(crate) gateway: String,
     site: Arc<Site>,
-    meters: Arc<MeterIndex>,
     detector: GatewayDetector,
     /// Running `last_seq`.
     pub(crate) last_seq: Option<u64>,
@@ -160,7 +158,6 @@ impl Applier {
         let mut gateways = HashMap::new();
         for site in sites {
             let site = Arc::new(site.clone());
-            let meters = Arc::new(MeterIndex::of(&site));
             for gateway in &site.gateways {
                 let id = gateway.id.as_str();
                 let detector = match store.detector_snapshot(id)? {
@@ -178,7 +175,6 @@ impl Applier {
                     id.to_string(),
                     GatewayState {
                         site: site.clone(),
-                        meters: meters.clone(),
                         detector,
                         last_seq,
                     },
@@ -230,7 +226,6 @@ impl Applier {
                     works.push(Work {
                         gateway: batch.gateway.clone(),
                         site: state.site.clone(),
-                        meters: state.meters.clone(),
                         detector: state.detector.clone(),
                         last_seq: state.last_seq,
                         counters: GatewayCounters::default(),
@@ -292,7 +287,7 @@ impl Group {
             influx,
         } = self;
         let mut events: Vec<Produced> = Vec::new();
-        let mut readings = Chunks::default();
+        let mut readings = Pending::default();
         for (index, batch) in batches {
             let work = &mut works[index];
             let seq = batch.seq;
@@ -318,15 +313,8 @@ impl Group {
                 event,
                 data_time_ms,
             }));
-            if let Some(rendering) = influx.as_ref().filter(|r| r.readings) {
-                influx::push_readings(
-                    &mut readings,
-                    rendering,
-                    &work.site,
-                    &work.meters,
-                    &work.gateway,
-                    &batch.samples,
-                );
+            if influx.as_ref().is_some_and(|r| r.readings) {
+                readings.push_batch(&batch);
             }
             if !loss.is_none() {
                 work.losses.push((seq, loss));

@@ -1,7 +1,10 @@
 //! The InfluxDB outbox: line protocol waiting for the writer.
 //!
 //! Table `influx_outbox`: key n (u64, from 0, contiguous from the head),
-//! value (precision code, line count, text). Entries are appended by
+//! value (kind, line count, data): kind is 4 x content (0 line protocol,
+//! 1 an encoded batch, see `emit::influx::Content`) + precision (0 s,
+//! 1 ms, 2 us, 3 ns); bytes and lines count what is stored (a batch's
+//! lines are its samples). Entries are appended by
 //! `Store::commit_group` in the transaction that applies their batches,
 //! and removed only from the head, after the server took them (or refused
 //! them for good). `meta["influx_outbox_bytes"]` and
@@ -17,40 +20,51 @@ use redb::{ReadableTable, TableDefinition};
 
 use super::{db, Store, StoreError, META};
 use crate::config::Precision;
-use crate::emit::influx::Chunks;
+use crate::emit::influx::{Content, Pending};
 
 pub(super) const INFLUX_OUTBOX: TableDefinition<u64, (u8, u32, &[u8])> =
     TableDefinition::new("influx_outbox");
 pub(super) const OUTBOX_BYTES: &str = "influx_outbox_bytes";
 pub(super) const OUTBOX_LINES: &str = "influx_outbox_lines";
 
-fn code(precision: Precision) -> u8 {
-    match precision {
+fn kind(content: Content, precision: Precision) -> u8 {
+    let content = match content {
+        Content::Lines => 0,
+        Content::Batch => 1,
+    };
+    let precision = match precision {
         Precision::Seconds => 0,
         Precision::Milliseconds => 1,
         Precision::Microseconds => 2,
         Precision::Nanoseconds => 3,
-    }
+    };
+    content * 4 + precision
 }
 
-fn precision_of(code: u8) -> Option<Precision> {
-    Some(match code {
+fn kind_of(code: u8) -> Option<(Content, Precision)> {
+    let content = match code / 4 {
+        0 => Content::Lines,
+        1 => Content::Batch,
+        _ => return None,
+    };
+    let precision = match code % 4 {
         0 => Precision::Seconds,
         1 => Precision::Milliseconds,
         2 => Precision::Microseconds,
-        3 => Precision::Nanoseconds,
-        _ => return None,
-    })
+        _ => Precision::Nanoseconds,
+    };
+    Some((content, precision))
 }
 
 /// One write request's worth of the outbox's head.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct InfluxWrite {
+pub(crate) struct InfluxHead {
     /// The last entry it holds (the first is the head).
     pub(crate) last: u64,
     pub(crate) precision: Precision,
     pub(crate) lines: u64,
-    pub(crate) body: Vec<u8>,
+    /// The entries' contents, in order.
+    pub(crate) entries: Vec<(Content, Vec<u8>)>,
 }
 
 /// What the outbox holds.
@@ -71,14 +85,14 @@ fn add_to_sums(tx: &redb::WriteTransaction, lines: i64, bytes: i64) -> Result<()
     Ok(())
 }
 
-/// Appends `chunks` (of `precision`) to the outbox inside `tx`; returns the
-/// bytes added.
+/// Appends `pending` (of `precision`) to the outbox inside `tx`; returns
+/// the bytes added.
 pub(super) fn append(
     tx: &redb::WriteTransaction,
-    chunks: &Chunks,
+    pending: &Pending,
     precision: Precision,
 ) -> Result<u64, StoreError> {
-    let entries: Vec<_> = chunks.entries.iter().filter(|c| c.lines > 0).collect();
+    let entries: Vec<_> = pending.entries.iter().filter(|e| e.lines > 0).collect();
     if entries.is_empty() {
         return Ok(0);
     }
@@ -88,12 +102,13 @@ pub(super) fn append(
         .map_err(db)?
         .map_or(0, |(key, _)| key.value() + 1);
     let (mut lines, mut added) = (0u64, 0u64);
-    for (key, chunk) in (next..).zip(entries) {
+    for (key, entry) in (next..).zip(entries) {
+        let kind = kind(entry.content, precision);
         table
-            .insert(key, (code(precision), chunk.lines, chunk.text.as_slice()))
+            .insert(key, (kind, entry.lines, entry.data.as_slice()))
             .map_err(db)?;
-        lines += u64::from(chunk.lines);
-        added += chunk.text.len() as u64;
+        lines += u64::from(entry.lines);
+        added += entry.data.len() as u64;
     }
     add_to_sums(tx, lines as i64, added as i64)?;
     Ok(added)
@@ -107,7 +122,7 @@ pub(super) fn stored_bytes(tx: &redb::WriteTransaction) -> Result<u64, StoreErro
 }
 
 impl Store {
-    /// Bytes of line protocol in the outbox (committed state).
+    /// Bytes in the outbox (committed state).
     pub fn influx_outbox_bytes(&self) -> u64 {
         self.influx_bytes.load(Ordering::Acquire).max(0) as u64
     }
@@ -128,36 +143,38 @@ impl Store {
     /// The head of the outbox as one request: entries of the head's
     /// precision, at least one, and more while the lines stay within
     /// `max_lines`. `None` when empty.
-    pub(crate) fn influx_head(&self, max_lines: usize) -> Result<Option<InfluxWrite>, StoreError> {
+    pub(crate) fn influx_head(&self, max_lines: usize) -> Result<Option<InfluxHead>, StoreError> {
         let tx = self.db.begin_read().map_err(db)?;
         let table = tx.open_table(INFLUX_OUTBOX).map_err(db)?;
-        let mut write: Option<InfluxWrite> = None;
+        let mut head: Option<InfluxHead> = None;
         for entry in table.iter().map_err(db)? {
             let (key, value) = entry.map_err(db)?;
-            let (code, lines, text) = value.value();
-            // An unknown code cannot be written by this build; sent as ms
-            // rather than blocking the outbox.
-            let precision = precision_of(code).unwrap_or(Precision::Milliseconds);
-            match &mut write {
+            let (code, lines, data) = value.value();
+            // An unknown kind was not written by this build; taken as line
+            // protocol in ms rather than blocking the outbox (the server
+            // refuses it if it is not).
+            let (content, precision) =
+                kind_of(code).unwrap_or((Content::Lines, Precision::Milliseconds));
+            match &mut head {
                 None => {
-                    write = Some(InfluxWrite {
+                    head = Some(InfluxHead {
                         last: key.value(),
                         precision,
                         lines: u64::from(lines),
-                        body: text.to_vec(),
+                        entries: vec![(content, data.to_vec())],
                     })
                 }
-                Some(w) => {
-                    if w.precision != precision || w.lines + u64::from(lines) > max_lines as u64 {
+                Some(h) => {
+                    if h.precision != precision || h.lines + u64::from(lines) > max_lines as u64 {
                         break;
                     }
-                    w.last = key.value();
-                    w.lines += u64::from(lines);
-                    w.body.extend_from_slice(text);
+                    h.last = key.value();
+                    h.lines += u64::from(lines);
+                    h.entries.push((content, data.to_vec()));
                 }
             }
         }
-        Ok(write)
+        Ok(head)
     }
 
     /// Removes the entries up to `through` (written or refused).
@@ -189,15 +206,16 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emit::influx::Chunk;
+    use crate::emit::influx::Entry;
 
-    fn chunks(texts: &[&str]) -> Chunks {
-        Chunks {
+    fn chunks(texts: &[&str]) -> Pending {
+        Pending {
             entries: texts
                 .iter()
-                .map(|t| Chunk {
+                .map(|t| Entry {
+                    content: Content::Lines,
                     lines: t.lines().count() as u32,
-                    text: t.as_bytes().to_vec(),
+                    data: t.as_bytes().to_vec(),
                 })
                 .collect(),
         }
@@ -232,11 +250,14 @@ mod tests {
         let head = store.influx_head(4).unwrap().unwrap();
         assert_eq!(
             head,
-            InfluxWrite {
+            InfluxHead {
                 last: 1,
                 precision: Precision::Milliseconds,
                 lines: 3,
-                body: b"a 1\nb 2\nc 3\n".to_vec(),
+                entries: vec![
+                    (Content::Lines, b"a 1\nb 2\n".to_vec()),
+                    (Content::Lines, b"c 3\n".to_vec())
+                ],
             }
         );
         // An entry larger than the limit still goes, alone.
@@ -261,8 +282,12 @@ mod tests {
         assert_eq!(store.influx_outbox_bytes(), 4);
         let head = store.influx_head(100).unwrap().unwrap();
         assert_eq!(
-            (head.last, head.precision, head.body.as_slice()),
-            (3, Precision::Seconds, &b"f 6\n"[..])
+            (head.last, head.precision, head.entries),
+            (
+                3,
+                Precision::Seconds,
+                vec![(Content::Lines, b"f 6\n".to_vec())]
+            )
         );
         // Numbering goes on after the last entry, never reusing a number
         // still in the outbox.

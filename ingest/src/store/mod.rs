@@ -25,9 +25,10 @@
 //! after a commit loses no notice; one sent but not yet removed is sent again
 //! with the same idempotency key.
 //!
-//! **Points commit with what they record**, in the same way: the InfluxDB
-//! lines of a group's readings and event changes are appended to
-//! `influx_outbox` in the group's transaction (see `influx`).
+//! **Points commit with what they record**, in the same way: a group's
+//! applied batches (their readings) and the InfluxDB lines of its event
+//! changes are appended to `influx_outbox` in the group's transaction (see
+//! `influx`).
 //!
 //! **Invariant: the `last_seq`, the detector state, the events and the
 //! counters of a batch commit together, in one write transaction
@@ -58,11 +59,11 @@ use facwatch_proto::site::Site;
 use redb::{Database, ReadableTable, TableDefinition};
 
 use crate::detect::{Event, EventStatus, SnapshotError};
-use crate::emit::influx::{self as influx_lines, Chunks, Rendering};
+use crate::emit::influx::{self as influx_lines, Pending, Rendering};
 use crate::emit::notice::{self, Notice, ReplaySummary, Route};
 
+pub(crate) use influx::InfluxHead;
 pub use influx::InfluxOutboxDepth;
-pub(crate) use influx::InfluxWrite;
 
 /// Version of the table layout above; a store of another format is refused.
 pub const STORE_FORMAT: u64 = 1;
@@ -154,12 +155,12 @@ pub(crate) struct OutboxLimit {
     pub(crate) max_queue: u64,
 }
 
-/// The InfluxDB lines of a commit: the readings rendered while applying,
+/// The InfluxDB output of a commit: the applied batches (their readings),
 /// and how to render the event changes the commit finds.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct InfluxCommit<'a> {
     pub(crate) rendering: &'a Rendering,
-    pub(crate) readings: &'a Chunks,
+    pub(crate) readings: &'a Pending,
 }
 
 /// What decides the notices of a commit.
@@ -404,7 +405,7 @@ impl Store {
 
             let mut stored = tx.open_table(EVENTS).map_err(db)?;
             let mut outbox = Outbox::open(&tx, notices.webhooks)?;
-            let mut event_lines = Chunks::default();
+            let mut event_lines = Pending::default();
             let mut replay = tx.open_table(REPLAY).map_err(db)?;
             for Produced {
                 event,
