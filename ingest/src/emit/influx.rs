@@ -190,6 +190,10 @@ fn quality_index(quality: Quality) -> usize {
     }
 }
 
+/// A meter's measurement and tag set for each quality ([`quality_index`]),
+/// built when first needed.
+type Prefixes = [Option<Vec<u8>>; 5];
+
 /// Renders `reading` lines. Per gateway, meter and quality it keeps the
 /// measurement and tag set, escaped by the builder once; per sample it
 /// writes the fields and timestamp in the builder's formats.
@@ -197,7 +201,7 @@ pub(crate) struct Renderer {
     /// Gateway -> its site and the site's meters.
     sites: HashMap<String, (Arc<Site>, Arc<MeterIndex>)>,
     /// Gateway -> meter -> the prefix for each quality.
-    prefixes: HashMap<String, HashMap<String, [Option<Vec<u8>>; 5]>>,
+    prefixes: HashMap<String, HashMap<String, Prefixes>>,
 }
 
 impl Renderer {
@@ -264,12 +268,12 @@ impl Renderer {
     /// `quality`, built once.
     fn prefix(&mut self, gateway: &str, meter: &str, quality: Quality) -> &[u8] {
         let index = quality_index(quality);
-        if !self
+        let cached = self
             .prefixes
             .get(gateway)
             .and_then(|m| m.get(meter))
-            .is_some_and(|p| p[index].is_some())
-        {
+            .is_some_and(|p| p[index].is_some());
+        if !cached {
             let built = self.build_prefix(gateway, meter, quality);
             let slots = self
                 .prefixes

@@ -177,9 +177,6 @@ pub(crate) fn render(site: &Site, state: &SiteState) -> Value {
     })
 }
 
-/// A power reading as JSON: the shortest decimal that is the `f32` (so a
-/// meter's 9.7 shows as 9.7, not as the `f64` 9.699999809265137).
-
 fn state_name(state: State) -> &'static str {
     match state {
         State::Unknown => "unknown",
