@@ -210,6 +210,8 @@ fn metric(api: SocketAddr, name: &str) -> Option<u64> {
 struct IngestRun {
     seconds: f64,
     lines_queued: u64,
+    /// Store transactions: how many batches shared one.
+    groups: u64,
 }
 
 /// The ingest draining its session's queue into a fresh store.
@@ -223,9 +225,19 @@ fn drain_with_ingest(
     let (ingest, api) = ingest(plant, port, &format!("run-{run}"), influx);
     let mut ingest = ingest;
     let started = Instant::now();
+    let mut reported = false;
     loop {
         if metric(api, "facwatch_ingest_samples_applied_total") == Some(samples) {
             break;
+        }
+        if !reported && started.elapsed() > Duration::from_secs(10) {
+            reported = true;
+            let (_, text) = http(api, "GET", "/metrics", "text/plain", b"").expect("/metrics");
+            let counters: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+                .collect();
+            eprintln!("stalled after 10 s: {counters:#?}\n{}", ingest.stderr());
         }
         assert!(
             started.elapsed() < LIMIT,
@@ -236,11 +248,13 @@ fn drain_with_ingest(
     }
     let seconds = started.elapsed().as_secs_f64();
     let lines_queued = metric(api, "facwatch_ingest_influx_lines_queued_total").unwrap_or(0);
+    let groups = metric(api, "facwatch_ingest_groups_committed_total").expect("groups committed");
     let status = ingest.terminate(Duration::from_secs(30));
     assert!(status.success(), "ingest: {status}");
     IngestRun {
         seconds,
         lines_queued,
+        groups,
     }
 }
 
@@ -332,11 +346,12 @@ fn main() {
             ingest.lines_queued
         );
         println!(
-            "run {run}: mosquitto_sub {sub:.3} s = {:.0} samples/s; ingest {:.3} s = {:.0} samples/s ({} InfluxDB lines queued); ratio {:.2}",
+            "run {run}: mosquitto_sub {sub:.3} s = {:.0} samples/s; ingest {:.3} s = {:.0} samples/s ({} InfluxDB lines queued, {} batches a transaction); ratio {:.2}",
             options.samples as f64 / sub,
             ingest.seconds,
             options.samples as f64 / ingest.seconds,
             ingest.lines_queued,
+            batches.len() as u64 / ingest.groups.max(1),
             sub / ingest.seconds
         );
         sub_seconds.push(sub);

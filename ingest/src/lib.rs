@@ -102,6 +102,13 @@ pub async fn run(
         AsyncClient::new(receive::mqtt_options(&settings), receive::REQUEST_QUEUE);
     eventloop.set_network_options(receive::network_options());
     let publisher = Publisher::new(client.clone(), stats.clone());
+    // Stopped after the apply task, so the acks of its last group go out.
+    let stop_late_acks = CancellationToken::new();
+    let late_acks = tokio::spawn(
+        publisher
+            .clone()
+            .send_late_acks(stop_late_acks.clone(), DISCONNECT_WAIT),
+    );
     let outbox_limits = settings
         .webhooks
         .iter()
@@ -186,10 +193,12 @@ pub async fn run(
     );
 
     let (batch_tx, batch_rx) = mpsc::channel(receive::BATCH_QUEUE);
+    let budget = Arc::new(tokio::sync::Semaphore::new(receive::QUEUED_KIB));
     let mut connection = tokio::spawn(receive::connection::run(
         eventloop,
         client.clone(),
         batch_tx,
+        budget,
         stats,
         shutdown.clone(),
     ));
@@ -198,6 +207,16 @@ pub async fn run(
     // applier and the senders hold the other references to the store, so
     // the database is closed when they have returned.
     applier.run(batch_rx, shutdown.clone()).await;
+    stop_late_acks.cancel();
+    let mut late_acks = late_acks;
+    if tokio::time::timeout(DISCONNECT_WAIT, &mut late_acks)
+        .await
+        .is_err()
+    {
+        // Unsent acks cost only resends: the gateways send those batches
+        // again and the next run acks them.
+        late_acks.abort();
+    }
     for sender in senders {
         // A sender returns at once on shutdown (a blocking store call at
         // most finishes first).

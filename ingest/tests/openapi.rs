@@ -402,13 +402,16 @@ async fn the_live_api_answers_as_its_openapi_description_says() {
             }
         }
 
-        // A body over the limit: the documented 413 of every operation.
+        // A body over the limit: the documented 413 of every operation. On
+        // a client of its own: the server answers before reading the body
+        // and closes that connection, and a pooled connection it closed
+        // may fail the next request sent on it.
         let sites = &spec["paths"]["/api/v1/sites"]["get"];
         let too_large = check_answer(
             &validator,
             sites,
             "/api/v1/sites with a 65 KiB body",
-            client
+            reqwest::Client::new()
                 .get(format!("{base}/api/v1/sites"))
                 .body(vec![b'x'; 65 * 1024]),
         )

@@ -94,8 +94,9 @@ impl Rendering {
 pub(crate) enum Content {
     /// Line protocol: whole lines, each ending in `\n`.
     Lines,
-    /// An applied batch (`Batch::encode`): one `reading` line per sample.
-    Batch,
+    /// Applied batches, each as its length (u32, little-endian) and its
+    /// encoding (`Batch::encode`): one `reading` line per sample.
+    Batches,
 }
 
 /// One outbox entry before it is stored.
@@ -113,16 +114,39 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    /// Queues the readings of an applied batch.
-    pub(crate) fn push_batch(&mut self, batch: &Batch) {
+    /// Queues the readings of an applied batch (`payload`: the bytes it was
+    /// decoded from, if at hand, else it is encoded again): in the last
+    /// entry of batches while its lines stay within `max_lines`, else in a
+    /// new one (one store entry per batch would cost a B-tree insert each).
+    pub(crate) fn push_batch(&mut self, batch: &Batch, payload: Option<&[u8]>, max_lines: usize) {
         if batch.samples.is_empty() {
             return;
         }
-        self.entries.push(Entry {
-            content: Content::Batch,
-            lines: batch.samples.len() as u32,
-            data: batch.encode(),
+        let lines = batch.samples.len() as u32;
+        let fits = self.entries.last().is_some_and(|last| {
+            last.content == Content::Batches && (last.lines + lines) as usize <= max_lines
         });
+        if !fits {
+            self.entries.push(Entry {
+                content: Content::Batches,
+                lines: 0,
+                data: Vec::new(),
+            });
+        }
+        let entry = self.entries.last_mut().expect("just ensured");
+        let encoded;
+        let bytes = match payload {
+            Some(payload) => payload,
+            None => {
+                encoded = batch.encode();
+                &encoded
+            }
+        };
+        entry
+            .data
+            .extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        entry.data.extend_from_slice(bytes);
+        entry.lines += lines;
     }
 
     /// The entry of lines the next line goes to: the last one if it holds
@@ -345,19 +369,34 @@ pub(crate) fn push_event(out: &mut Pending, rendering: &Rendering, event: &Event
     entry.lines += 1;
 }
 
-/// The request body of `head`: its lines, the batches rendered. A batch
-/// that no longer decodes (a store written by another build) is left out
-/// and counted in the returned number.
+/// The request body of `head`: its lines, the batches rendered. Batches
+/// that do not decode (a store written by another build) are left out and
+/// counted in the returned number.
 pub(crate) fn body(renderer: &mut Renderer, head: &InfluxHead) -> (Vec<u8>, u64) {
     let mut body = Vec::with_capacity(head.lines as usize * 300);
     let mut undecodable = 0;
     for (content, data) in &head.entries {
         match content {
             Content::Lines => body.extend_from_slice(data),
-            Content::Batch => match Batch::decode(data) {
-                Ok(batch) => renderer.render_batch(&batch, head.precision, &mut body),
-                Err(_) => undecodable += 1,
-            },
+            Content::Batches => {
+                let mut rest = data.as_slice();
+                while !rest.is_empty() {
+                    let Some((len, tail)) = rest.split_first_chunk::<4>() else {
+                        undecodable += 1;
+                        break;
+                    };
+                    let len = u32::from_le_bytes(*len) as usize;
+                    let Some((encoded, tail)) = tail.split_at_checked(len) else {
+                        undecodable += 1;
+                        break;
+                    };
+                    match Batch::decode(encoded) {
+                        Ok(batch) => renderer.render_batch(&batch, head.precision, &mut body),
+                        Err(_) => undecodable += 1,
+                    }
+                    rest = tail;
+                }
+            }
         }
     }
     (body, undecodable)
@@ -828,17 +867,23 @@ mod tests {
             data_loss: None,
             evidence: Default::default(),
         };
+        let one = |time_ms| {
+            batch(
+                "gw 1",
+                vec![Sample {
+                    meter: "m".into(),
+                    time_ms,
+                    quality: Quality::Ok,
+                    values: Values::default(),
+                }],
+            )
+        };
         let mut out = Pending::default();
         push_event(&mut out, &MS, &event);
-        out.push_batch(&batch(
-            "gw 1",
-            vec![Sample {
-                meter: "m".into(),
-                time_ms: 1,
-                quality: Quality::Ok,
-                values: Values::default(),
-            }],
-        ));
+        // Two batches of one sample share an entry of MS.max_lines (2).
+        out.push_batch(&one(1), None, MS.max_lines);
+        out.push_batch(&one(2), Some(&one(2).encode()), MS.max_lines);
+        out.push_batch(&one(3), None, MS.max_lines);
         push_event(&mut out, &MS, &event);
         push_event(&mut out, &MS, &event);
         push_event(&mut out, &MS, &event);
@@ -850,14 +895,47 @@ mod tests {
             shape,
             [
                 (Content::Lines, 1),
-                (Content::Batch, 1),
+                (Content::Batches, 2),
+                (Content::Batches, 1),
                 (Content::Lines, 2),
                 (Content::Lines, 1)
             ]
         );
         assert_eq!(out.entries[0].data, line.as_bytes());
-        assert_eq!(out.entries[2].data, line.repeat(2).as_bytes());
-        assert_eq!(out.lines(), 5);
+        assert_eq!(out.entries[3].data, line.repeat(2).as_bytes());
+        assert_eq!(out.lines(), 7);
+
+        // As the writer sends them: the batches rendered in order between
+        // the event lines.
+        let head = InfluxHead {
+            last: 4,
+            precision: Precision::Milliseconds,
+            lines: out.lines(),
+            entries: out
+                .entries
+                .iter()
+                .map(|e| (e.content, e.data.clone()))
+                .collect(),
+        };
+        let mut renderer = Renderer::new(&[]);
+        let (text, undecodable) = body(&mut renderer, &head);
+        let reading = |t| format!("reading,gateway=gw\\ 1,meter=m,quality=ok ok=true {t}\n");
+        assert_eq!(
+            String::from_utf8(text).unwrap(),
+            format!(
+                "{line}{}{}{}{}",
+                reading(1),
+                reading(2),
+                reading(3),
+                line.repeat(3)
+            )
+        );
+        assert_eq!(undecodable, 0);
+
+        // A truncated entry renders what decodes and counts the rest.
+        let mut broken = head.clone();
+        broken.entries[1].1.truncate(6);
+        assert_eq!(body(&mut renderer, &broken).1, 1);
     }
 
     #[test]

@@ -4,13 +4,20 @@
 //! retained) on `facwatch/v1/events/{site}`.
 //!
 //! Everything here happens after the store commit, so it is best effort by
-//! design: the store is the record. [`Publisher`] waits at most
-//! [`PUBLISH_WAIT`] for room in the MQTT client's request queue, then drops
-//! the message and counts it (`Stats::publishes_dropped`). That bound keeps
-//! the apply task from waiting forever on a queue that only the connection
-//! task drains, while the connection task may itself wait on the apply task.
-//! A dropped ack costs a resend by the gateway; a dropped event message is
-//! still in the store.
+//! design: the store is the record. **The apply task never waits for the
+//! MQTT client**: [`Publisher`] hands a message to rumqttc's request queue
+//! only if it has room (`try_publish`). The queue drains only while the
+//! connection task polls the event loop, and that task may itself wait for
+//! the apply task (the batch channel), so waiting here could stall both;
+//! and rumqttc takes no request while its outgoing QoS 1 window (100
+//! publishes) waits for the broker's PUBACKs, which Mosquitto was seen to
+//! hold back for seconds while it streamed a persistent session's backlog
+//! of 80,000 batches. An ack that finds the queue full waits in
+//! [`LateAcks`] (only the newest per gateway: acks are cumulative) and a
+//! task of its own hands it over when there is room, in order with any
+//! later ack of that gateway. An event or alert message that finds the
+//! queue full is dropped and counted (`Stats::publishes_dropped`); it is
+//! still in the store and the HTTP API.
 //!
 //! Human notices are not best effort: [`notice`] decides them, the store
 //! queues them in the commit that makes them true, and [`webhook`] senders
@@ -29,65 +36,144 @@ pub(crate) mod influx;
 pub(crate) mod notice;
 pub(crate) mod webhook;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
+use facwatch_proto::wire::Ack;
 use rumqttc::{AsyncClient, QoS};
-use tracing::{info, warn};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
 use crate::detect::Event;
 use crate::stats::Stats;
 use crate::store::EventChange;
 use notice::{Alert, AlertKind, ReplaySummary};
 
-/// Longest wait for room in the MQTT client's request queue.
-pub(crate) const PUBLISH_WAIT: Duration = Duration::from_secs(5);
-
-/// Queues publishes on the shared MQTT client with a bounded wait.
+/// Hands messages to the shared MQTT client without waiting (module doc).
 #[derive(Clone)]
 pub(crate) struct Publisher {
     client: AsyncClient,
     stats: Arc<Stats>,
+    late: Arc<LateAcks>,
+}
+
+/// Acks that found the request queue full: the newest seq per gateway.
+#[derive(Default)]
+pub(crate) struct LateAcks {
+    pending: Mutex<BTreeMap<String, u64>>,
+    changed: Notify,
 }
 
 impl Publisher {
     pub(crate) fn new(client: AsyncClient, stats: Arc<Stats>) -> Publisher {
-        Publisher { client, stats }
+        Publisher {
+            client,
+            stats,
+            late: Arc::default(),
+        }
     }
 
-    /// Queues one QoS 1 publish. Returns whether it was queued (queued is
-    /// not delivered: rumqttc may still lose it on a reconnect).
-    pub(crate) async fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
-        let queued = tokio::time::timeout(
-            PUBLISH_WAIT,
-            self.client
-                .publish(topic.as_str(), QoS::AtLeastOnce, retain, payload),
-        )
-        .await;
+    /// Queues the retained `Ack { seq }` of `gateway`, now if the request
+    /// queue has room, else as soon as it has (after any ack of the
+    /// gateway still waiting).
+    pub(crate) fn ack(&self, gateway: &str, seq: u64) {
+        let mut pending = self.late.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(waiting) = pending.get_mut(gateway) {
+            *waiting = (*waiting).max(seq);
+            return;
+        }
+        let queued = self.client.try_publish(
+            topics::ack(gateway),
+            QoS::AtLeastOnce,
+            true,
+            Ack { seq }.encode(),
+        );
         match queued {
-            Ok(Ok(())) => true,
-            Ok(Err(error)) => {
-                warn!(topic, error = %error, "MQTT client is gone; message dropped.");
+            Ok(()) => self.stats.add(|s| &s.acks_published, 1),
+            Err(_) => {
+                pending.insert(gateway.to_string(), seq);
+                drop(pending);
+                self.late.changed.notify_one();
+            }
+        }
+    }
+
+    /// Queues one QoS 1 publish if the request queue has room; else drops
+    /// it (counted). Returns whether it was queued (queued is not
+    /// delivered: rumqttc may still lose it on a reconnect).
+    pub(crate) fn publish(&self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
+        match self
+            .client
+            .try_publish(topic.as_str(), QoS::AtLeastOnce, retain, payload)
+        {
+            Ok(()) => true,
+            Err(error) => {
+                warn!(topic, error = %error, "MQTT client is busy or gone; message dropped.");
                 self.stats.add(|s| &s.publishes_dropped, 1);
                 false
             }
-            Err(_) => {
-                warn!(
-                    topic,
-                    waited_ms = PUBLISH_WAIT.as_millis() as u64,
-                    "MQTT client stayed busy; message dropped."
+        }
+    }
+
+    /// Hands the late acks to the client as it makes room, until `stop`;
+    /// then those still waiting, within `last_wait` each.
+    pub(crate) async fn send_late_acks(self, stop: CancellationToken, last_wait: Duration) {
+        loop {
+            let stopping = tokio::select! {
+                _ = self.late.changed.notified() => false,
+                _ = stop.cancelled() => true,
+            };
+            loop {
+                // The oldest waiting gateway first; the lock is not held
+                // while waiting for the client.
+                let next = {
+                    let pending = self.late.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    pending.iter().next().map(|(g, s)| (g.clone(), *s))
+                };
+                let Some((gateway, seq)) = next else { break };
+                let publish = self.client.publish(
+                    topics::ack(&gateway),
+                    QoS::AtLeastOnce,
+                    true,
+                    Ack { seq }.encode(),
                 );
-                self.stats.add(|s| &s.publishes_dropped, 1);
-                false
+                let queued = if stopping {
+                    matches!(tokio::time::timeout(last_wait, publish).await, Ok(Ok(())))
+                } else {
+                    publish.await.is_ok()
+                };
+                {
+                    let mut pending = self.late.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    // A newer ack that arrived meanwhile stays, for the next
+                    // round.
+                    if pending.get(&gateway) == Some(&seq) {
+                        pending.remove(&gateway);
+                    }
+                }
+                if queued {
+                    self.stats.add(|s| &s.acks_published, 1);
+                } else if stopping {
+                    // The gateway resends; the ingest acks it on its next
+                    // connection.
+                    debug!(gateway, seq, "Ack not sent before stopping.");
+                } else {
+                    // The client is gone: nothing more can be sent.
+                    return;
+                }
+            }
+            if stopping {
+                return;
             }
         }
     }
 }
 
 /// Logs and publishes one changed event of `site`.
-pub(crate) async fn emit(publisher: &Publisher, site: &Site, change: &EventChange) {
+pub(crate) fn emit(publisher: &Publisher, site: &Site, change: &EventChange) {
     let event: &Event = &change.event;
     let historical = event.historical || change.historical_notice;
     if historical {
@@ -124,13 +210,11 @@ pub(crate) async fn emit(publisher: &Publisher, site: &Site, change: &EventChang
             return;
         }
     };
-    publisher
-        .publish(topics::events(&site.id), false, payload)
-        .await;
+    publisher.publish(topics::events(&site.id), false, payload);
 }
 
 /// Logs (INFO) and publishes a completed replay summary.
-pub(crate) async fn emit_summary(publisher: &Publisher, summary: &ReplaySummary) {
+pub(crate) fn emit_summary(publisher: &Publisher, summary: &ReplaySummary) {
     info!(
         site = %summary.site,
         gateway = %summary.gateway,
@@ -139,11 +223,11 @@ pub(crate) async fn emit_summary(publisher: &Publisher, summary: &ReplaySummary)
         "{}",
         summary.text_en()
     );
-    publish_json(publisher, &summary.site, &summary.to_json()).await;
+    publish_json(publisher, &summary.site, &summary.to_json());
 }
 
 /// Logs (WARN when raised, INFO when cleared) and publishes an alert.
-pub(crate) async fn emit_alert(publisher: &Publisher, alert: &Alert) {
+pub(crate) fn emit_alert(publisher: &Publisher, alert: &Alert) {
     let json = alert.to_json();
     let text = json["notice"]["en"]
         .as_str()
@@ -157,15 +241,13 @@ pub(crate) async fn emit_alert(publisher: &Publisher, alert: &Alert) {
             info!(site = %alert.site, gateway = %alert.gateway, kind = alert.kind.as_str(), "{text}")
         }
     }
-    publish_json(publisher, &alert.site, &json).await;
+    publish_json(publisher, &alert.site, &json);
 }
 
-async fn publish_json(publisher: &Publisher, site: &str, json: &serde_json::Value) {
+fn publish_json(publisher: &Publisher, site: &str, json: &serde_json::Value) {
     match serde_json::to_vec(json) {
         Ok(payload) => {
-            publisher
-                .publish(topics::alerts(site), false, payload)
-                .await;
+            publisher.publish(topics::alerts(site), false, payload);
         }
         Err(error) => warn!(site, error = %error, "Alert did not serialize."),
     }

@@ -57,10 +57,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use facwatch_proto::clock::Clock;
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
-use facwatch_proto::wire::{Ack, Batch};
+use facwatch_proto::wire::Batch;
 use rumqttc::Publish;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
@@ -82,7 +83,7 @@ use crate::store::{
 use crate::IngestError;
 
 /// Most batches applied in one store transaction.
-pub(crate) const MAX_GROUP_BATCHES: usize = 64;
+pub(crate) const MAX_GROUP_BATCHES: usize = 1024;
 /// Most payload bytes applied in one store transaction (a group may exceed
 /// it by its last batch, at most `MAX_BATCH_BYTES`).
 pub(crate) const MAX_GROUP_BYTES: usize = 8 * 1024 * 1024;
@@ -122,11 +123,18 @@ pub(crate) struct Work {
     losses: Vec<(u64, DataLoss)>,
 }
 
+/// A batch as received: decoded, and the payload it was decoded from
+/// (queued as is in the InfluxDB outbox; `None` re-encodes the batch).
+pub(crate) struct Received {
+    pub(crate) batch: Batch,
+    pub(crate) payload: Option<Bytes>,
+}
+
 /// A group ready to be applied off the async runtime.
 pub(crate) struct Group {
     works: Vec<Work>,
     /// (index in `works`, batch), in arrival order.
-    batches: Vec<(usize, Batch)>,
+    batches: Vec<(usize, Received)>,
     store: Arc<Store>,
     webhooks: Arc<[OutboxLimit]>,
     influx: Option<Rendering>,
@@ -213,12 +221,24 @@ impl Applier {
             .collect()
     }
 
+    /// [`Applier::prepare_received`] for batches without their payloads
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn prepare(&self, batches: Vec<Batch>) -> Group {
+        let received = batches.into_iter().map(|batch| Received {
+            batch,
+            payload: None,
+        });
+        self.prepare_received(received.collect())
+    }
+
     /// Copies the state of every gateway `batches` touch. Every batch's
     /// gateway must be known ([`Applier::knows`]).
-    pub(crate) fn prepare(&self, batches: Vec<Batch>) -> Group {
+    pub(crate) fn prepare_received(&self, batches: Vec<Received>) -> Group {
         let mut works: Vec<Work> = Vec::new();
         let mut indexed = Vec::with_capacity(batches.len());
-        for batch in batches {
+        for received in batches {
+            let batch = &received.batch;
             let index = match works.iter().position(|w| w.gateway == batch.gateway) {
                 Some(index) => index,
                 None => {
@@ -236,7 +256,7 @@ impl Applier {
                     works.len() - 1
                 }
             };
-            indexed.push((index, batch));
+            indexed.push((index, received));
         }
         Group {
             works,
@@ -288,7 +308,7 @@ impl Group {
         } = self;
         let mut events: Vec<Produced> = Vec::new();
         let mut readings = Pending::default();
-        for (index, batch) in batches {
+        for (index, Received { batch, payload }) in batches {
             let work = &mut works[index];
             let seq = batch.seq;
             if work.last_seq.is_some_and(|last| seq <= last) {
@@ -313,8 +333,8 @@ impl Group {
                 event,
                 data_time_ms,
             }));
-            if influx.as_ref().is_some_and(|r| r.readings) {
-                readings.push_batch(&batch);
+            if let Some(rendering) = influx.as_ref().filter(|r| r.readings) {
+                readings.push_batch(&batch, payload.as_deref(), rendering.max_lines);
             }
             if !loss.is_none() {
                 work.losses.push((seq, loss));
@@ -370,6 +390,9 @@ impl Group {
 #[derive(Default)]
 struct Gathered {
     publishes: Vec<Publish>,
+    /// Their share of the queue's byte budget, given back when the group
+    /// is done.
+    permits: Vec<tokio::sync::OwnedSemaphorePermit>,
     bytes: usize,
     /// A (re)connection to the broker was among them.
     connected: bool,
@@ -378,9 +401,10 @@ struct Gathered {
 impl Gathered {
     fn add(&mut self, message: Inbound) {
         match message {
-            Inbound::Batch(publish) => {
+            Inbound::Batch(publish, permit) => {
                 self.bytes += publish.payload.len();
                 self.publishes.push(publish);
+                self.permits.push(permit);
             }
             Inbound::Connected => self.connected = true,
         }
@@ -548,10 +572,12 @@ impl ApplyTask {
             // A connection notice precedes the batches received on that
             // connection: ack with the state before them, then apply them.
             if group.connected {
-                self.ack_every_gateway().await;
+                self.ack_every_gateway();
             }
-            let batches: Vec<Batch> = group
-                .publishes
+            let Gathered {
+                publishes, permits, ..
+            } = group;
+            let batches: Vec<Received> = publishes
                 .into_iter()
                 .filter_map(|publish| self.validate(publish))
                 .collect();
@@ -559,11 +585,13 @@ impl ApplyTask {
             if !batches.is_empty() {
                 self.apply_group(batches).await;
             }
+            // The group is done: its payload no longer counts.
+            drop(permits);
         }
     }
 
     /// The batch of a valid publish; rejects any other.
-    fn validate(&mut self, publish: Publish) -> Option<Batch> {
+    fn validate(&mut self, publish: Publish) -> Option<Received> {
         let gateway = match topics::gateway_of_batch_topic(&publish.topic) {
             Some(gw) if self.applier.knows(gw) => gw,
             other => {
@@ -588,15 +616,18 @@ impl ApplyTask {
             self.reject(gateway, RejectReason::GatewayMismatch, &detail);
             return None;
         }
-        Some(batch)
+        Some(Received {
+            batch,
+            payload: Some(publish.payload),
+        })
     }
 
     /// Notes that `batches` arrived: each of their gateways is alive, and a
     /// raised alert is cleared (`gateway_back`).
-    async fn heard_from(&mut self, batches: &[Batch]) {
+    async fn heard_from(&mut self, batches: &[Received]) {
         let now = Instant::now();
         let now_ms = self.clock.now_ms();
-        for batch in batches {
+        for Received { batch, .. } in batches {
             let Some(state) = self.liveness.get_mut(&batch.gateway) else {
                 continue;
             };
@@ -712,7 +743,7 @@ impl ApplyTask {
                     AlertKind::GatewaySilent => self.stats.add(|s| &s.alerts_raised, 1),
                     AlertKind::GatewayBack => self.stats.add(|s| &s.alerts_cleared, 1),
                 }
-                emit::emit_alert(&self.publisher, &alert).await;
+                emit::emit_alert(&self.publisher, &alert);
                 true
             }
             Ok(Err(e)) => {
@@ -745,10 +776,10 @@ impl ApplyTask {
     async fn summarised(&mut self, summary: ReplaySummary) {
         self.replays.remove(&summary.gateway);
         self.stats.add(|s| &s.replay_summaries, 1);
-        emit::emit_summary(&self.publisher, &summary).await;
+        emit::emit_summary(&self.publisher, &summary);
     }
 
-    async fn apply_group(&mut self, batches: Vec<Batch>) {
+    async fn apply_group(&mut self, batches: Vec<Received>) {
         let count = batches.len() as u64;
         if !self.influx_has_room() {
             // Not applied, so not acked: each gateway sends these again
@@ -758,12 +789,12 @@ impl ApplyTask {
         }
         // For the log if the apply task dies (the group is gone then).
         let mut gateways: Vec<String> = Vec::new();
-        for batch in &batches {
+        for Received { batch, .. } in &batches {
             if !gateways.contains(&batch.gateway) {
                 gateways.push(batch.gateway.clone());
             }
         }
-        let group = self.applier.prepare(batches);
+        let group = self.applier.prepare_received(batches);
         let now_ms = self.clock.now_ms();
         let lag_ms = self.notices.historical_lag.as_millis() as i64;
         let outcome = match tokio::task::spawn_blocking(move || group.apply(now_ms, lag_ms)).await {
@@ -858,7 +889,7 @@ impl ApplyTask {
 
         for work in &outcome.works {
             if let Some(seq) = work.last_seq {
-                self.ack(&work.gateway, seq).await;
+                self.ack(&work.gateway, seq);
             }
         }
         for change in changes {
@@ -867,27 +898,21 @@ impl ApplyTask {
                 .iter()
                 .find(|w| w.gateway == change.event.gateway)
                 .expect("events come from the group's gateways");
-            emit::emit(&self.publisher, &work.site, change).await;
+            emit::emit(&self.publisher, &work.site, change);
         }
         for summary in committed.summaries.clone() {
             self.summarised(summary).await;
         }
     }
 
-    async fn ack_every_gateway(&self) {
+    fn ack_every_gateway(&self) {
         for (gateway, seq) in self.applier.acks() {
-            self.ack(&gateway, seq).await;
+            self.ack(&gateway, seq);
         }
     }
 
-    async fn ack(&self, gateway: &str, seq: u64) {
-        let queued = self
-            .publisher
-            .publish(topics::ack(gateway), true, Ack { seq }.encode())
-            .await;
-        if queued {
-            self.stats.add(|s| &s.acks_published, 1);
-        }
+    fn ack(&self, gateway: &str, seq: u64) {
+        self.publisher.ack(gateway, seq);
     }
 
     fn reject(&mut self, gateway: &str, reason: RejectReason, detail: &str) {

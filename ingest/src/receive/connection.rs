@@ -14,8 +14,8 @@
 //! When it is full this task waits (the broker then buffers, and TCP pushes
 //! back on it); it never drops a batch, because a dropped batch followed by
 //! an applied later one would be a gap. This cannot deadlock with the apply
-//! task waiting on the client's request queue, because the apply task's
-//! publishes wait only a bounded time (see `emit::Publisher`).
+//! task, because the apply task never waits for the client's request queue
+//! (see `emit::Publisher`).
 //!
 //! Shutdown: when `shutdown` fires the task stops forwarding batches but
 //! keeps polling, so the ack of the batch being applied still goes out; it
@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use facwatch_proto::topics;
 use rumqttc::{AsyncClient, Event, EventLoop, Incoming, Outgoing, QoS, SubscribeReasonCode};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -40,6 +40,7 @@ pub(crate) async fn run(
     mut eventloop: EventLoop,
     client: AsyncClient,
     batches: mpsc::Sender<Inbound>,
+    budget: Arc<Semaphore>,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) {
@@ -98,7 +99,17 @@ pub(crate) async fn run(
                 }
             }
             Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                forward(&mut batches, Inbound::Batch(publish), &shutdown).await;
+                let permit = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        batches = None;
+                        continue;
+                    }
+                    permit = budget.clone().acquire_many_owned(super::kib(publish.payload.len())) => permit,
+                };
+                // The semaphore is never closed.
+                let Ok(permit) = permit else { continue };
+                forward(&mut batches, Inbound::Batch(publish, permit), &shutdown).await;
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 debug!("Disconnected from the MQTT broker.");

@@ -2,7 +2,8 @@
 //! once.
 //!
 //! Two tasks joined by a bounded channel of [`BATCH_QUEUE`] messages
-//! ([`Inbound`]): [`connection`] owns the rumqttc event loop (poll,
+//! ([`Inbound`]) holding at most [`QUEUED_KIB`] KiB of payload (each batch
+//! carries a permit of that budget until its group is applied): [`connection`] owns the rumqttc event loop (poll,
 //! reconnect, subscribe, forward), [`apply`] decodes, deduplicates, runs the
 //! detector, commits to the store in groups, acks and emits. The apply task
 //! is the only writer of the store, so batches of one gateway are applied
@@ -17,6 +18,7 @@ mod reject;
 use std::time::Duration;
 
 use rumqttc::{MqttOptions, NetworkOptions, Publish};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::broker::MAX_PACKET_BYTES;
 use crate::config::Settings;
@@ -26,6 +28,17 @@ use crate::config::Settings;
 /// (no batch is ever dropped here).
 pub(crate) const BATCH_QUEUE: usize = apply::MAX_GROUP_BATCHES;
 
+/// Payload KiB received and not yet applied (queued, or in the group being
+/// applied): two groups' worth of [`apply::MAX_GROUP_BYTES`]. At the bound
+/// the connection task waits, as when the channel is full.
+pub(crate) const QUEUED_KIB: usize = 2 * apply::MAX_GROUP_BYTES / 1024;
+
+/// The permits of `payload_len` bytes (at least one, so a queue of empty
+/// payloads is bounded too).
+pub(crate) fn kib(payload_len: usize) -> u32 {
+    payload_len.div_ceil(1024).max(1) as u32
+}
+
 /// Requests (acks, events, subscriptions) queued for the connection task.
 pub(crate) const REQUEST_QUEUE: usize = 1024;
 
@@ -33,8 +46,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
 /// What the connection task hands the apply task, in the order it happened.
 pub(crate) enum Inbound {
-    /// A publish on a batch topic.
-    Batch(Publish),
+    /// A publish on a batch topic, with its share of [`QUEUED_KIB`].
+    Batch(Publish, OwnedSemaphorePermit),
     /// The client (re)connected to the broker: every gateway is acked.
     Connected,
 }

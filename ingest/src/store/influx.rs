@@ -2,7 +2,7 @@
 //!
 //! Table `influx_outbox`: key n (u64, from 0, contiguous from the head),
 //! value (kind, line count, data): kind is 4 x content (0 line protocol,
-//! 1 an encoded batch, see `emit::influx::Content`) + precision (0 s,
+//! 1 encoded batches, see `emit::influx::Content`) + precision (0 s,
 //! 1 ms, 2 us, 3 ns); bytes and lines count what is stored (a batch's
 //! lines are its samples). Entries are appended by
 //! `Store::commit_group` in the transaction that applies their batches,
@@ -30,7 +30,7 @@ pub(super) const OUTBOX_LINES: &str = "influx_outbox_lines";
 fn kind(content: Content, precision: Precision) -> u8 {
     let content = match content {
         Content::Lines => 0,
-        Content::Batch => 1,
+        Content::Batches => 1,
     };
     let precision = match precision {
         Precision::Seconds => 0,
@@ -44,7 +44,7 @@ fn kind(content: Content, precision: Precision) -> u8 {
 fn kind_of(code: u8) -> Option<(Content, Precision)> {
     let content = match code / 4 {
         0 => Content::Lines,
-        1 => Content::Batch,
+        1 => Content::Batches,
         _ => return None,
     };
     let precision = match code % 4 {
