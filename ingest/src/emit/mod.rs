@@ -252,3 +252,97 @@ fn publish_json(publisher: &Publisher, site: &str, json: &serde_json::Value) {
         Err(error) => warn!(site, error = %error, "Alert did not serialize."),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::start_embedded;
+    use rumqttc::{Event, Incoming, MqttOptions};
+    use tokio::sync::mpsc;
+    use tokio::time::timeout;
+
+    const LIMIT: Duration = Duration::from_secs(20);
+
+    /// Regression: the apply task waited up to 5 s for room in rumqttc's
+    /// request queue for every ack while Mosquitto held PUBACKs back during
+    /// a persistent session's backlog (80,000 batches took 62 s). Acks
+    /// never wait now; those that find the queue full go out later, the
+    /// newest per gateway, in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acks_never_wait_for_a_full_request_queue_and_the_newest_go_out_in_order() {
+        timeout(LIMIT, async {
+            let broker = start_embedded("127.0.0.1:0".parse().unwrap()).unwrap();
+            let port = broker.addr.port();
+
+            // A gateway-side subscriber to every ack.
+            let (sub, mut sub_loop) =
+                AsyncClient::new(MqttOptions::new("acks-watcher", "127.0.0.1", port), 16);
+            let (seen_tx, mut seen) = mpsc::unbounded_channel();
+            let (ready_tx, ready) = tokio::sync::oneshot::channel();
+            sub.subscribe("facwatch/v1/+/ack", QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            tokio::spawn(async move {
+                let mut ready_tx = Some(ready_tx);
+                while let Ok(event) = sub_loop.poll().await {
+                    match event {
+                        Event::Incoming(Incoming::SubAck(_)) => {
+                            if let Some(tx) = ready_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        Event::Incoming(Incoming::Publish(p)) => {
+                            let seq = Ack::decode(&p.payload).unwrap().seq;
+                            let _ = seen_tx.send((p.topic.clone(), seq));
+                        }
+                        _ => {}
+                    }
+                }
+            });
+            ready.await.unwrap();
+
+            // The ingest's client, its event loop not polled yet: a request
+            // queue of 2 that nothing drains.
+            let (client, mut eventloop) =
+                AsyncClient::new(MqttOptions::new("ingest-under-test", "127.0.0.1", port), 2);
+            let stats = Arc::new(Stats::default());
+            let publisher = Publisher::new(client, stats.clone());
+            for (gateway, seq) in [
+                ("gw-a", 1),
+                ("gw-a", 2),
+                ("gw-a", 3),
+                ("gw-a", 4),
+                ("gw-b", 7),
+            ] {
+                // Synchronous: it cannot wait.
+                publisher.ack(gateway, seq);
+            }
+            assert_eq!(stats.snapshot().acks_published, 2);
+
+            let stop = CancellationToken::new();
+            let late = tokio::spawn(publisher.clone().send_late_acks(stop.clone(), LIMIT));
+            tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+            let mut got = Vec::new();
+            while got.len() < 4 {
+                got.push(seen.recv().await.unwrap());
+            }
+            let ack = |gateway: &str, seq| (topics::ack(gateway), seq);
+            // gw-a's 3 was superseded by its 4 while both waited.
+            assert_eq!(
+                got,
+                [
+                    ack("gw-a", 1),
+                    ack("gw-a", 2),
+                    ack("gw-a", 4),
+                    ack("gw-b", 7)
+                ]
+            );
+            stats.wait_until(|s| s.acks_published == 4).await;
+            stop.cancel();
+            late.await.unwrap();
+            assert!(seen.try_recv().is_err(), "no other ack");
+        })
+        .await
+        .expect("bounded");
+    }
+}
