@@ -268,10 +268,15 @@ pub async fn run(
 ) -> Result<Report, GatewayError> {
     let path = settings.buffer_path.clone();
     let limits = settings.buffer_limits;
-    let (buffer, moved_aside) =
-        tokio::task::spawn_blocking(move || Buffer::open_or_move_aside(&path, limits))
-            .await
-            .map_err(|e| task_failed("buffer open", e))??;
+    // redb logs while it opens (and repairs) the file: in a span naming the
+    // site and gateway, as every line about them does.
+    let span =
+        tracing::error_span!("buffer", site = %settings.site_id, gateway = %settings.gateway.id);
+    let (buffer, moved_aside) = tokio::task::spawn_blocking(move || {
+        span.in_scope(|| Buffer::open_or_move_aside(&path, limits))
+    })
+    .await
+    .map_err(|e| task_failed("buffer open", e))??;
     if let Some(moved) = moved_aside {
         stats.buffer_recoveries.fetch_add(1, Ordering::Relaxed);
         tracing::error!(

@@ -266,7 +266,10 @@ fn every_json_line_names_site_and_gateway_and_a_meters_line_names_its_line() {
         .args(["--log-format", "json"])
         // Debug too: lines nobody reads by default must be attributable
         // when someone turns them on.
-        .env("RUST_LOG", "debug")
+        // redb's debug lines (one per transaction) are its internals; its
+        // info and warnings (opening, repairing the file) are about the
+        // gateway's buffer and must carry the names.
+        .env("RUST_LOG", "debug,redb=info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
