@@ -16,7 +16,7 @@ use facwatch_proto::site::Site;
 use facwatch_proto::wire::{Batch, Quality, Sample, Values};
 
 use crate::detect::{DataLoss, GatewayDetector};
-use crate::receive::apply::{Applier, MAX_GROUP_BATCHES};
+use crate::receive::apply::{Applier, Received, MAX_GROUP_BATCHES};
 use crate::store::Store;
 
 pub(crate) const SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
@@ -138,11 +138,20 @@ fn apply_throughput() {
         applier = applier.with_influx(rendering);
     }
     let (mut decode_secs, mut apply_secs, mut groups) = (0.0, 0.0, 0);
+    // As the apply task has them: decoded, with the payload they came in.
+    let payloads: Vec<bytes::Bytes> = payloads.into_iter().map(bytes::Bytes::from).collect();
     for chunk in payloads.chunks(group_size) {
         let started = Instant::now();
-        let group: Vec<Batch> = chunk.iter().map(|p| Batch::decode(p).unwrap()).collect();
+        let group: Vec<Received> = chunk
+            .iter()
+            .map(|p| Received {
+                batch: Batch::decode(p).unwrap(),
+                payload: Some(p.clone()),
+            })
+            .collect();
         let decoded = Instant::now();
-        let outcome = applier.apply_now(group, 0);
+        let outcome = applier.prepare_received(group).apply(0, 15 * 60 * 1000);
+        applier.install(&outcome);
         outcome.committed.expect("group committed");
         decode_secs += (decoded - started).as_secs_f64();
         apply_secs += decoded.elapsed().as_secs_f64();

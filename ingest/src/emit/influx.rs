@@ -99,6 +99,9 @@ pub(crate) enum Content {
     Batches,
 }
 
+/// Most bytes reserved up front for one entry of batches.
+const MAX_ENTRY_RESERVE: usize = 4 * 1024 * 1024;
+
 /// One outbox entry before it is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
@@ -127,10 +130,14 @@ impl Pending {
             last.content == Content::Batches && (last.lines + lines) as usize <= max_lines
         });
         if !fits {
+            // Sized for `max_lines` samples like this batch's: growing by
+            // doubling would copy the entry several times over.
+            let per_sample = payload.map_or(80, |p| p.len() / lines as usize + 1);
+            let capacity = (per_sample + 1) * max_lines.max(lines as usize);
             self.entries.push(Entry {
                 content: Content::Batches,
                 lines: 0,
-                data: Vec::new(),
+                data: Vec::with_capacity(capacity.min(MAX_ENTRY_RESERVE)),
             });
         }
         let entry = self.entries.last_mut().expect("just ensured");
