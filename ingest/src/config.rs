@@ -1411,4 +1411,18 @@ host = "127.0.0.1"
         let err = with(&format!("{minimal}colour = \"red\"\n")).unwrap_err();
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
     }
+
+    #[test]
+    fn the_deploy_example_loads_with_its_site_and_api() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ingest.toml");
+        let settings = Settings::load(&path).unwrap();
+        assert_eq!(settings.sites.len(), 1);
+        assert_eq!(
+            settings.http,
+            Some(HttpSettings {
+                listen: "127.0.0.1:8080".parse().unwrap()
+            })
+        );
+        assert_eq!(settings.influxdb, None);
+    }
 }
