@@ -1,11 +1,14 @@
 //! The apply task: every batch exactly once, in `seq` order per gateway,
 //! committed in groups.
 //!
-//! The task waits for one message, then takes every message already queued
-//! behind it, up to [`MAX_GROUP_BATCHES`] batches or [`MAX_GROUP_BYTES`] of
-//! payload: a **group**. Under a steady trickle a group is one batch; when
-//! a backlog arrives, one store transaction (one fsync) and one ack per
-//! gateway cover many batches.
+//! Messages are taken into a **group**, up to [`MAX_GROUP_BATCHES`]
+//! messages or [`MAX_GROUP_BYTES`] of payload, each validated (decoded) as
+//! it is taken. A group starts, on the blocking pool, as soon as the one
+//! before it is done (with everything already queued behind its messages);
+//! while it is applied, the task takes and validates the messages of the
+//! next. Under a steady trickle a group is one batch; when a backlog
+//! arrives, one store transaction (one fsync) and one ack per gateway cover
+//! many batches, and decoding overlaps the commits.
 //!
 //! Per batch, in arrival order:
 //! 1. The topic's gateway must belong to a loaded site, the payload must
@@ -386,29 +389,40 @@ impl Group {
     }
 }
 
-/// Messages taken for one group.
+/// The group being gathered while the one before it is applied: every
+/// message is validated as it arrives.
 #[derive(Default)]
-struct Gathered {
-    publishes: Vec<Publish>,
-    /// Their share of the queue's byte budget, given back when the group
-    /// is done.
+struct Next {
+    batches: Vec<Received>,
+    /// The payloads' share of the queue's byte budget, given back when the
+    /// group is done.
     permits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// Payload bytes taken, valid or not.
     bytes: usize,
+    /// Messages taken (batches, valid or not, and connection notices).
+    taken: usize,
     /// A (re)connection to the broker was among them.
     connected: bool,
 }
 
-impl Gathered {
-    fn add(&mut self, message: Inbound) {
-        match message {
-            Inbound::Batch(publish, permit) => {
-                self.bytes += publish.payload.len();
-                self.publishes.push(publish);
-                self.permits.push(permit);
-            }
-            Inbound::Connected => self.connected = true,
-        }
+impl Next {
+    fn has_room(&self) -> bool {
+        self.taken < MAX_GROUP_BATCHES && self.bytes < MAX_GROUP_BYTES
     }
+
+    fn started(&self) -> bool {
+        self.taken > 0
+    }
+}
+
+/// A group on the blocking pool.
+struct InFlight {
+    task: tokio::task::JoinHandle<GroupOutcome>,
+    count: u64,
+    /// For the log if the task dies.
+    gateways: Vec<String>,
+    /// Held until the group is done.
+    _permits: Vec<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// The async shell around [`Applier`]: receives, validates, applies groups
@@ -547,46 +561,76 @@ impl ApplyTask {
     ) {
         let mut ticks = tokio::time::interval(self.tick_period());
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight: Option<InFlight> = None;
+        let mut next = Next::default();
         loop {
-            let first = tokio::select! {
+            if in_flight.is_none() && next.started() {
+                // Everything queued behind joins the group.
+                while next.has_room() {
+                    match inbound.try_recv() {
+                        Ok(message) => self.receive(&mut next, message).await,
+                        Err(_) => break,
+                    }
+                }
+                // A connection notice precedes the batches received on
+                // that connection: ack with the committed state before
+                // them, then apply them.
+                if next.connected {
+                    self.ack_every_gateway();
+                }
+                in_flight = self.start_group(std::mem::take(&mut next));
+            }
+            tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return,
-                message = inbound.recv() => match message {
-                    Some(message) => message,
-                    None => return,
+                _ = shutdown.cancelled() => break,
+                joined = async {
+                    match in_flight.as_mut() {
+                        Some(flight) => (&mut flight.task).await,
+                        None => std::future::pending().await,
+                    }
+                }, if in_flight.is_some() => {
+                    let flight = in_flight.take().expect("the branch runs only with a group in flight");
+                    self.finish_group(flight, joined).await;
+                }
+                message = inbound.recv(), if next.has_room() => match message {
+                    Some(message) => {
+                        self.receive(&mut next, message).await;
+                        // And whatever came with it, without a select per
+                        // message.
+                        while next.has_room() {
+                            match inbound.try_recv() {
+                                Ok(message) => self.receive(&mut next, message).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                    None => break,
                 },
-                _ = ticks.tick() => {
-                    self.tick().await;
-                    continue;
-                }
-            };
-            let mut group = Gathered::default();
-            group.add(first);
-            while group.publishes.len() < MAX_GROUP_BATCHES && group.bytes < MAX_GROUP_BYTES {
-                match inbound.try_recv() {
-                    Ok(message) => group.add(message),
-                    Err(_) => break,
-                }
+                _ = ticks.tick() => self.tick().await,
             }
+        }
+        // The group being applied is finished; the batches received after
+        // it are left for the gateways to resend.
+        if let Some(mut flight) = in_flight {
+            let joined = (&mut flight.task).await;
+            self.finish_group(flight, joined).await;
+        }
+    }
 
-            // A connection notice precedes the batches received on that
-            // connection: ack with the state before them, then apply them.
-            if group.connected {
-                self.ack_every_gateway();
+    /// Takes one message into the next group: a batch validated (and its
+    /// gateway heard from), or a connection notice.
+    async fn receive(&mut self, next: &mut Next, message: Inbound) {
+        next.taken += 1;
+        match message {
+            Inbound::Batch(publish, permit) => {
+                next.bytes += publish.payload.len();
+                next.permits.push(permit);
+                if let Some(received) = self.validate(publish) {
+                    self.heard_from(std::slice::from_ref(&received)).await;
+                    next.batches.push(received);
+                }
             }
-            let Gathered {
-                publishes, permits, ..
-            } = group;
-            let batches: Vec<Received> = publishes
-                .into_iter()
-                .filter_map(|publish| self.validate(publish))
-                .collect();
-            self.heard_from(&batches).await;
-            if !batches.is_empty() {
-                self.apply_group(batches).await;
-            }
-            // The group is done: its payload no longer counts.
-            drop(permits);
+            Inbound::Connected => next.connected = true,
         }
     }
 
@@ -779,13 +823,22 @@ impl ApplyTask {
         emit::emit_summary(&self.publisher, &summary);
     }
 
-    async fn apply_group(&mut self, batches: Vec<Received>) {
+    /// Starts applying `next` on the blocking pool, or defers it while the
+    /// InfluxDB outbox is full. The state it starts from must be installed:
+    /// no group may be in flight.
+    fn start_group(&mut self, next: Next) -> Option<InFlight> {
+        let Next {
+            batches, permits, ..
+        } = next;
         let count = batches.len() as u64;
+        if batches.is_empty() {
+            return None;
+        }
         if !self.influx_has_room() {
             // Not applied, so not acked: each gateway sends these again
             // after its ack timeout.
             self.stats.add(|s| &s.batches_deferred, count);
-            return;
+            return None;
         }
         // For the log if the apply task dies (the group is gone then).
         let mut gateways: Vec<String> = Vec::new();
@@ -797,7 +850,25 @@ impl ApplyTask {
         let group = self.applier.prepare_received(batches);
         let now_ms = self.clock.now_ms();
         let lag_ms = self.notices.historical_lag.as_millis() as i64;
-        let outcome = match tokio::task::spawn_blocking(move || group.apply(now_ms, lag_ms)).await {
+        Some(InFlight {
+            task: tokio::task::spawn_blocking(move || group.apply(now_ms, lag_ms)),
+            count,
+            gateways,
+            _permits: permits,
+        })
+    }
+
+    /// Takes the outcome of the group in flight: installs its state, acks
+    /// its gateways and emits its event changes.
+    async fn finish_group(
+        &mut self,
+        flight: InFlight,
+        joined: Result<GroupOutcome, tokio::task::JoinError>,
+    ) {
+        let InFlight {
+            count, gateways, ..
+        } = flight;
+        let outcome = match joined {
             Ok(outcome) => outcome,
             Err(e) => {
                 let sites: Vec<&str> = gateways
