@@ -19,48 +19,6 @@ use tokio_util::sync::CancellationToken;
 
 use api::{get, get_json, FedIngest, LIMIT};
 
-const SITE: &str = r#"
-[site]
-id = "plant"
-name = "Plant"
-time_zone = "Asia/Shanghai"
-
-[[gateways]]
-id = "gw-b"
-
-[[meters]]
-id = "b-stenter"
-gateway = "gw-b"
-profile = "dtsu666"
-tcp = "127.0.0.1:5021"
-unit = 1
-
-[[meters]]
-id = "b-fan"
-gateway = "gw-b"
-profile = "sdm630"
-tcp = "127.0.0.1:5021"
-unit = 2
-
-[[lines]]
-id = "line-b"
-name = "Line B"
-
-[[lines.facilities]]
-id = "b-stenter"
-kind = "stenter"
-meter = "b-stenter"
-rated_kw = 150
-start_threshold_kw = 20
-
-[[lines.facilities]]
-id = "b-fan"
-kind = "main_fan"
-meter = "b-fan"
-rated_kw = 22
-start_threshold_kw = 4
-"#;
-
 fn batch(seq: u64, samples: usize, dropped_before: u64) -> Batch {
     Batch {
         gateway: "gw-b".into(),
@@ -85,7 +43,7 @@ async fn the_api_serves_events_sites_health_and_metrics() {
     timeout(LIMIT * 3, async {
         let broker = start_embedded("127.0.0.1:0".parse().unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
+        let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
         let mut settings = Settings::new(
             vec![site],
             dir.path().join("ingest.redb"),
@@ -236,7 +194,7 @@ async fn a_taken_http_address_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
+    let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
     let mut settings = Settings::new(
         vec![site],
         dir.path().join("ingest.redb"),
@@ -273,7 +231,7 @@ async fn readyz_is_503_while_the_broker_is_unreachable() {
         let broker_port = free.local_addr().unwrap().port();
         drop(free);
         let dir = tempfile::tempdir().unwrap();
-        let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
+        let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
         let mut settings = Settings::new(
             vec![site],
             dir.path().join("ingest.redb"),

@@ -5,6 +5,8 @@
 //! the server takes the backlog. Every wait is on a counter or a message,
 //! bounded by [`LIMIT`].
 
+mod api;
+
 use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::{Arc, Mutex};
@@ -26,46 +28,6 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-const SITE: &str = r#"
-[site]
-id = "plant"
-time_zone = "Asia/Shanghai"
-
-[[gateways]]
-id = "gw-b"
-
-[[meters]]
-id = "b-stenter"
-gateway = "gw-b"
-profile = "dtsu666"
-tcp = "127.0.0.1:5021"
-unit = 1
-
-[[meters]]
-id = "b-fan"
-gateway = "gw-b"
-profile = "sdm630"
-tcp = "127.0.0.1:5021"
-unit = 2
-
-[[lines]]
-id = "line-b"
-
-[[lines.facilities]]
-id = "b-stenter"
-kind = "stenter"
-meter = "b-stenter"
-rated_kw = 150
-start_threshold_kw = 20
-
-[[lines.facilities]]
-id = "b-fan"
-kind = "main_fan"
-meter = "b-fan"
-rated_kw = 22
-start_threshold_kw = 4
-"#;
 
 /// 2022-12-13 14:00 in Asia/Shanghai.
 const T0_MS: i64 = 1_670_911_200_000;
@@ -193,7 +155,7 @@ struct Running {
 }
 
 fn start(broker: &EmbeddedBroker, store: &std::path::Path, influx: InfluxSettings) -> Running {
-    let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
+    let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
     let mut settings = Settings::new(
         vec![site],
         store,

@@ -1,5 +1,6 @@
 //! A running ingest fed real batches, for the HTTP API tests (`http.rs`,
-//! `openapi.rs`): embedded broker on port 0, API on port 0, the batches
+//! `openapi.rs`), and a one-gateway site ([`ONE_GATEWAY_SITE`], also for
+//! `influx.rs`): embedded broker on port 0, API on port 0, the batches
 //! published over MQTT as a gateway would, every wait on a counter bounded
 //! by [`LIMIT`].
 //!
@@ -33,6 +34,49 @@ use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
+
+/// One gateway, `gw-b`, reading line `line-b`: a stenter and its fan.
+pub(crate) const ONE_GATEWAY_SITE: &str = r#"
+[site]
+id = "plant"
+name = "Plant"
+time_zone = "Asia/Shanghai"
+
+[[gateways]]
+id = "gw-b"
+
+[[meters]]
+id = "b-stenter"
+gateway = "gw-b"
+profile = "dtsu666"
+tcp = "127.0.0.1:5021"
+unit = 1
+
+[[meters]]
+id = "b-fan"
+gateway = "gw-b"
+profile = "sdm630"
+tcp = "127.0.0.1:5021"
+unit = 2
+
+[[lines]]
+id = "line-b"
+name = "Line B"
+
+[[lines.facilities]]
+id = "b-stenter"
+kind = "stenter"
+meter = "b-stenter"
+rated_kw = 150
+start_threshold_kw = 20
+
+[[lines.facilities]]
+id = "b-fan"
+kind = "main_fan"
+meter = "b-fan"
+rated_kw = 22
+start_threshold_kw = 4
+"#;
 
 pub(crate) const LIMIT: Duration = Duration::from_secs(20);
 
