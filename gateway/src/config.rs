@@ -8,13 +8,20 @@
 //!   meters (at least one), in site-file order;
 //! - `window_batches >= 1`, `ack_timeout > 0`, the MQTT keep-alive is 0 or
 //!   1..=65535 s (what MQTT 3.1.1 can carry);
-//! - MQTT credentials are a username and a password, both or neither; the
-//!   password is never logged nor printed (`Debug` shows `***`);
+//! - MQTT credentials are a username and a password (given inline or in a
+//!   `password_file`), both or neither; the password is never logged nor
+//!   printed (`Debug` shows `***`);
+//! - `key` was read from `gateway_key_file`, a file private to its owner
+//!   (mode 0600 or stricter), and seals every batch; `Debug` shows only its
+//!   fingerprint;
+//! - `[mqtt.tls]`, when present, was read and checked (CA, optional client
+//!   certificate and private key) when the settings were built;
 //! - the buffer holds at least [`MIN_MAX_BYTES`], and commits every
 //!   10..=10000 ms ([`COMMIT_INTERVAL_RANGE_MS`]);
 //! - `metrics_listen`, when set, is a socket address (`IP:PORT`; port 0
 //!   picks a free port);
-//! - relative paths (`site_file`, `buffer.path`) are resolved against the
+//! - relative paths (`site_file`, `buffer.path`, key and TLS files) are
+//!   resolved against the
 //!   directory of the config file, not the working directory.
 //!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem.
@@ -25,10 +32,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use facwatch_proto::clock::Clock;
+use facwatch_proto::seal::GatewayKey;
+use facwatch_proto::secret;
 use facwatch_proto::site::{self, ConfigError, Gateway, Meter, Site};
 
 use crate::buffer::{BufferLimits, WhenFull, MIN_MAX_BYTES};
 use crate::forward::pace::{ReplayPace, DEFAULT_REPLAY_PACE};
+use crate::tls::{TlsFiles, TlsSettings};
 
 /// The default config, shipped inside the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../gateway.default.toml");
@@ -58,6 +68,9 @@ pub struct Settings {
     /// lets a meter measure at most one facility.)
     pub meter_lines: HashMap<String, String>,
     pub mqtt: MqttSettings,
+    /// Seals every batch and opens every ack ([`facwatch_proto::seal`]);
+    /// the ingest holds the same key for this gateway.
+    pub key: GatewayKey,
     /// The redb file holding unacked batches.
     pub buffer_path: PathBuf,
     /// Size and age bounds of the buffer, and what goes when it is full.
@@ -91,8 +104,10 @@ pub struct MqttSettings {
     /// Zero disables keep-alive pings.
     pub keep_alive: Duration,
     /// Username and password for a broker that wants them (Mosquitto with
-    /// `allow_anonymous false`).
+    /// `allow_anonymous false`, or the ingest's embedded broker).
     pub credentials: Option<MqttCredentials>,
+    /// TLS to the broker; `None` is plain TCP.
+    pub tls: Option<TlsSettings>,
 }
 
 /// A broker login. `Debug` does not show the password.
@@ -121,6 +136,7 @@ impl MqttSettings {
             client_id: default_client_id(gateway_id),
             keep_alive: Duration::from_secs(raw::DEFAULT_KEEP_ALIVE_SECS),
             credentials: None,
+            tls: None,
         }
     }
 }
@@ -130,7 +146,8 @@ fn default_client_id(gateway_id: &str) -> String {
 }
 
 impl Settings {
-    /// Settings for `gateway_id` of `site` with defaults for everything
+    /// Settings for `gateway_id` of `site`, sealing with `key`, with
+    /// defaults for everything
     /// else: real-time polling forever, a window of
     /// [`DEFAULT_WINDOW_BATCHES`], an ack timeout of [`DEFAULT_ACK_TIMEOUT`],
     /// [`BufferLimits::default`], commits every
@@ -140,6 +157,7 @@ impl Settings {
         site: &Site,
         gateway_id: &str,
         mqtt: MqttSettings,
+        key: GatewayKey,
         buffer_path: impl Into<PathBuf>,
         clock: Clock,
     ) -> Result<Settings, ConfigError> {
@@ -150,6 +168,7 @@ impl Settings {
             meter_lines: meter_lines(site, &meters),
             meters,
             mqtt,
+            key,
             buffer_path: buffer_path.into(),
             buffer_limits: BufferLimits::default(),
             commit_interval: DEFAULT_COMMIT_INTERVAL,
@@ -226,7 +245,21 @@ impl Settings {
             None => default_client_id(&gateway.id),
         };
 
-        let credentials = match (&mqtt.username, &mqtt.password) {
+        let password = match (&mqtt.password, &mqtt.password_file) {
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "mqtt.password_file",
+                    "give mqtt.password or mqtt.password_file, not both".into(),
+                ))
+            }
+            (Some(password), None) => Some(password.clone()),
+            (None, Some(path)) => Some(
+                secret::read_private_text(&base.join(path))
+                    .map_err(|e| err("mqtt.password_file", e.to_string()))?,
+            ),
+            (None, None) => None,
+        };
+        let credentials = match (&mqtt.username, password) {
             (None, None) => None,
             (Some(username), Some(password)) => {
                 if username.is_empty() {
@@ -234,7 +267,7 @@ impl Settings {
                 }
                 Some(MqttCredentials {
                     username: username.clone(),
-                    password: password.clone(),
+                    password,
                 })
             }
             (Some(_), None) => {
@@ -250,6 +283,34 @@ impl Settings {
                 ))
             }
         };
+        let tls = match &mqtt.tls {
+            None => None,
+            Some(tls) => {
+                let client = match (&tls.cert_file, &tls.key_file) {
+                    (None, None) => None,
+                    (Some(cert), Some(key)) => Some((base.join(cert), base.join(key))),
+                    (Some(_), None) => {
+                        return Err(err(
+                            "mqtt.tls.key_file",
+                            "is required when mqtt.tls.cert_file is set".into(),
+                        ))
+                    }
+                    (None, Some(_)) => {
+                        return Err(err(
+                            "mqtt.tls.cert_file",
+                            "is required when mqtt.tls.key_file is set".into(),
+                        ))
+                    }
+                };
+                let files = TlsFiles {
+                    ca_file: base.join(&tls.ca_file),
+                    client,
+                };
+                Some(TlsSettings::load(files).map_err(|p| err("mqtt.tls", p))?)
+            }
+        };
+        let key = secret::read_gateway_key(&base.join(&raw.gateway_key_file))
+            .map_err(|e| err("gateway_key_file", e.to_string()))?;
 
         let buffer = &raw.buffer;
         if buffer.path.as_os_str().is_empty() {
@@ -350,7 +411,9 @@ impl Settings {
                 client_id,
                 keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
                 credentials,
+                tls,
             },
+            key,
             buffer_path: base.join(&raw.buffer.path),
             buffer_limits,
             commit_interval: Duration::from_millis(raw.buffer.commit_interval_ms),
@@ -432,6 +495,7 @@ mod raw {
     pub(super) struct ConfigFile {
         pub(super) site_file: PathBuf,
         pub(super) gateway_id: String,
+        pub(super) gateway_key_file: PathBuf,
         pub(super) mqtt: MqttSection,
         pub(super) buffer: BufferSection,
         #[serde(default)]
@@ -457,6 +521,16 @@ mod raw {
         pub(super) keep_alive_secs: u64,
         pub(super) username: Option<String>,
         pub(super) password: Option<String>,
+        pub(super) password_file: Option<PathBuf>,
+        pub(super) tls: Option<TlsSection>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub(super) struct TlsSection {
+        pub(super) ca_file: PathBuf,
+        pub(super) cert_file: Option<PathBuf>,
+        pub(super) key_file: Option<PathBuf>,
     }
 
     fn default_port() -> u16 {
@@ -556,11 +630,25 @@ mod tests {
 
     const SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
 
-    /// A directory with the deploy site file under the name the default
-    /// config expects.
+    fn test_key() -> GatewayKey {
+        GatewayKey::from_bytes([0x42; 32])
+    }
+
+    /// A private file under `dir`.
+    fn write_private(dir: &Path, name: &str, contents: &[u8]) {
+        let path = dir.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        secret::create_private(&path, contents).unwrap();
+    }
+
+    /// A directory with the deploy site file and the gateway key under the
+    /// names the default and the deploy config expect.
     fn site_dir() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("stenter-plant.site.toml"), SITE).unwrap();
+        for name in ["gw-01.key", "keys/gw-01.key"] {
+            write_private(dir.path(), name, test_key().to_hex_line().as_bytes());
+        }
         dir
     }
 
@@ -589,8 +677,10 @@ mod tests {
                 client_id: "facwatch-gw-gw-01".into(),
                 keep_alive: Duration::from_secs(30),
                 credentials: None,
+                tls: None,
             }
         );
+        assert_eq!(settings.key, test_key());
         assert_eq!(settings.buffer_path, dir.path().join("gw-01.buffer.redb"));
         assert_eq!(settings.window_batches, 16);
         assert_eq!(settings.ack_timeout, Duration::from_millis(5000));
@@ -706,9 +796,133 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_key_file_must_be_private_and_a_key_and_errors_never_show_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = site_dir();
+        let config = dir.path().join("gateway.toml");
+        std::fs::write(&config, MINIMAL).unwrap();
+        let key_path = dir.path().join("gw-01.key");
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Settings::load(&config, 0).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("gateway_key_file"));
+        assert!(err.problem.contains("mode 0644"), "{err}");
+        assert!(err.problem.contains("chmod 600"), "{err}");
+        assert!(!err.to_string().contains("4242"), "{err}");
+
+        std::fs::remove_file(&key_path).unwrap();
+        write_private(dir.path(), "gw-01.key", b"not a key");
+        let err = Settings::load(&config, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("gateway_key_file") && err.contains("hex digits"),
+            "{err}"
+        );
+
+        std::fs::remove_file(&key_path).unwrap();
+        let err = Settings::load(&config, 0).unwrap_err().to_string();
+        assert!(err.contains("gw-01.key: cannot read"), "{err}");
+
+        let shown = format!("{:?}", load(MINIMAL).unwrap());
+        assert!(shown.contains(&test_key().fingerprint()), "{shown}");
+        assert!(!shown.contains("4242"), "{shown}");
+    }
+
+    #[test]
+    fn the_password_may_come_from_a_private_file_but_not_from_both_places() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = site_dir();
+        write_private(dir.path(), "mqtt-password", b"s3cret-pw\n");
+        let config = dir.path().join("gateway.toml");
+        let with = |lines: &str| MINIMAL.replace("[buffer]", &format!("{lines}\n[buffer]"));
+        std::fs::write(
+            &config,
+            with("username = \"gw-01\"\npassword_file = \"mqtt-password\""),
+        )
+        .unwrap();
+        let settings = Settings::load(&config, 0).unwrap();
+        assert_eq!(
+            settings.mqtt.credentials,
+            Some(MqttCredentials {
+                username: "gw-01".into(),
+                password: "s3cret-pw".into(),
+            })
+        );
+        std::fs::set_permissions(
+            dir.path().join("mqtt-password"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        let err = Settings::load(&config, 0).unwrap_err().to_string();
+        assert!(
+            err.contains("mqtt.password_file") && err.contains("0640"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret-pw"), "{err}");
+
+        std::fs::write(
+            &config,
+            with("username = \"gw-01\"\npassword = \"x\"\npassword_file = \"mqtt-password\""),
+        )
+        .unwrap();
+        let err = Settings::load(&config, 0).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn tls_files_are_checked_at_load() {
+        let dir = site_dir();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("client.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("not-pem"), "hello").unwrap();
+        write_private(dir.path(), "client.key", ca_key.serialize_pem().as_bytes());
+        std::fs::write(dir.path().join("open.key"), ca_key.serialize_pem()).unwrap();
+        let config = dir.path().join("gateway.toml");
+        let load_with = |tls: &str| {
+            std::fs::write(&config, format!("{MINIMAL}[mqtt.tls]\n{tls}\n")).unwrap();
+            Settings::load(&config, 0)
+        };
+
+        let settings = load_with("ca_file = \"ca.pem\"").unwrap();
+        let tls = settings.mqtt.tls.expect("tls");
+        assert_eq!(tls.files.ca_file, dir.path().join("ca.pem"));
+        assert_eq!(tls.files.client, None);
+        let settings = load_with(
+            "ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"client.key\"",
+        )
+        .unwrap();
+        assert!(settings.mqtt.tls.unwrap().files.client.is_some());
+
+        let cases = [
+            ("ca_file = \"missing.pem\"", "missing.pem: cannot read"),
+            ("ca_file = \"not-pem\"", "not-pem: holds no PEM certificate"),
+            (
+                "ca_file = \"ca.pem\"\ncert_file = \"client.pem\"",
+                "mqtt.tls.key_file: is required when mqtt.tls.cert_file is set",
+            ),
+            (
+                "ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"open.key\"",
+                "lets others read this secret",
+            ),
+            (
+                "ca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"gw-01.key\"",
+                "gw-01.key: holds no PEM private key",
+            ),
+        ];
+        for (tls, expected) in cases {
+            let err = load_with(tls).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected `{expected}` in `{err}`");
+            assert!(err.contains("mqtt.tls"), "{err}");
+        }
+    }
+
     const MINIMAL: &str = r#"
 site_file = "stenter-plant.site.toml"
 gateway_id = "gw-01"
+gateway_key_file = "gw-01.key"
 [mqtt]
 host = "broker.local"
 [buffer]
@@ -814,7 +1028,8 @@ path = "/var/lib/facwatch/buffer.redb"
         .concat();
         let site = Site::from_toml(&text, "s.toml").unwrap();
         let mqtt = MqttSettings::new("127.0.0.1", 1883, "gw-a");
-        let settings = Settings::new(&site, "gw-a", mqtt, "b.redb", Clock::real()).unwrap();
+        let settings =
+            Settings::new(&site, "gw-a", mqtt, test_key(), "b.redb", Clock::real()).unwrap();
         assert_eq!(
             settings.meter_lines,
             HashMap::from([
@@ -828,7 +1043,8 @@ path = "/var/lib/facwatch/buffer.redb"
     fn new_picks_the_gateways_meters_and_defaults() {
         let site = Site::from_toml(SITE, "site.toml").unwrap();
         let mqtt = MqttSettings::new("127.0.0.1", 1883, "gw-01");
-        let settings = Settings::new(&site, "gw-01", mqtt, "b.redb", Clock::real()).unwrap();
+        let settings =
+            Settings::new(&site, "gw-01", mqtt, test_key(), "b.redb", Clock::real()).unwrap();
         assert_eq!(settings.meters.len(), 10);
         assert_eq!(settings.window_batches, DEFAULT_WINDOW_BATCHES);
         assert_eq!(settings.meter_lines.len(), 10);
@@ -839,6 +1055,7 @@ path = "/var/lib/facwatch/buffer.redb"
             &site,
             "gw-02",
             MqttSettings::new("h", 1, "gw-02"),
+            test_key(),
             "b.redb",
             Clock::real(),
         )

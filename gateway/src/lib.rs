@@ -43,6 +43,7 @@ mod forward;
 mod metrics;
 pub mod poll;
 pub mod probe;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -56,6 +57,7 @@ pub use buffer::{AckApplied, Buffer, BufferError, BufferLimits, BufferMeta, Move
 pub use config::{MqttCredentials, MqttSettings, Settings};
 pub use forward::pace::{ReplayPace, DEFAULT_REPLAY_PACE};
 pub use metrics::MetricsError;
+pub use tls::{TlsFiles, TlsSettings};
 
 /// Live counters, for metrics and for tests to watch progress.
 #[derive(Debug, Default)]
@@ -383,6 +385,7 @@ pub async fn run(
             site: settings.site_id.clone(),
             gateway: settings.gateway.id.clone(),
             mqtt: settings.mqtt.clone(),
+            key: settings.key.clone(),
             window_batches: settings.window_batches,
             ack_timeout: settings.ack_timeout,
             replay: settings.replay,

@@ -16,6 +16,7 @@ use facwatch_gateway::{
 };
 use facwatch_proto::clock::{wall_now_ms, Clock};
 use facwatch_proto::profile::{Profile, ProfileName, Ratios, ReadLimits, ReadResult};
+use facwatch_proto::seal::{open, seal, GatewayKey, Purpose};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_proto::wire::{Ack, Batch, LinkState, Quality, Status, Values};
@@ -23,6 +24,9 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 use tokio_modbus::{ExceptionCode, Request, Response, SlaveRequest};
 use tokio_util::sync::CancellationToken;
+
+/// The key the gateway and the fake ingest share.
+const KEY: GatewayKey = GatewayKey::from_bytes([7; 32]);
 
 const GOOD_UNIT: u8 = 1;
 const SILENT_UNIT: u8 = 2;
@@ -218,7 +222,7 @@ fn announce_position(client: &AsyncClient, gateway: &str, last_seq: u64) {
             topics::ack(gateway),
             QoS::AtLeastOnce,
             true,
-            Ack { seq: last_seq }.encode(),
+            seal(&KEY, Purpose::Ack, &Ack { seq: last_seq }.encode()),
         )
         .unwrap();
 }
@@ -290,7 +294,8 @@ async fn start_fake_ingest_with_login(
                 log_tx.send_modify(|log| log.statuses.push(status.state));
                 continue;
             }
-            let batch = Batch::decode(&publish.payload).unwrap();
+            let batch =
+                Batch::decode(open(&KEY, Purpose::Batch, &publish.payload).unwrap()).unwrap();
             let seq = batch.seq;
             if let Some(limit) = down_after {
                 if up && seq > limit {
@@ -322,7 +327,7 @@ async fn start_fake_ingest_with_login(
                         &ack_topic,
                         QoS::AtLeastOnce,
                         true,
-                        Ack { seq: last }.encode(),
+                        seal(&KEY, Purpose::Ack, &Ack { seq: last }.encode()),
                     )
                     .unwrap();
             }
@@ -389,7 +394,7 @@ start_threshold_kw = 4
 fn settings(site: &Site, gateway: &str, broker_port: u16, buffer: &Path, slots: i64) -> Settings {
     let clock = Clock::simulated(START_MS, wall_now_ms() + 1000, TIME_SCALE);
     let mqtt = MqttSettings::new("127.0.0.1", broker_port, gateway);
-    let mut settings = Settings::new(site, gateway, mqtt, buffer, clock).unwrap();
+    let mut settings = Settings::new(site, gateway, mqtt, KEY, buffer, clock).unwrap();
     settings.poll_until_ms = Some(START_MS + slots * POLL_INTERVAL_MS);
     settings
 }

@@ -17,6 +17,11 @@ use std::time::{Duration, Instant};
 use facwatch_proto::rtu;
 use serde_json::{Map, Value};
 
+/// Secrets in the config: never in a log line.
+const PASSWORD: &str = "pw-never-logged-7f3a";
+const KEY: facwatch_proto::seal::GatewayKey =
+    facwatch_proto::seal::GatewayKey::from_bytes([0xc3; 32]);
+
 const SITE: &str = "logs-site";
 const GATEWAY: &str = "gw-logs";
 
@@ -158,10 +163,13 @@ fn gateway_config(broker_port: u16) -> String {
         r#"
 site_file = "site.toml"
 gateway_id = "{GATEWAY}"
+gateway_key_file = "gateway.key"
 
 [mqtt]
 host = "127.0.0.1"
 port = {broker_port}
+username = "{GATEWAY}"
+password = "{PASSWORD}"
 
 [buffer]
 path = "buffer.redb"
@@ -259,6 +267,11 @@ fn every_json_line_names_site_and_gateway_and_a_meters_line_names_its_line() {
     std::fs::write(dir.path().join("site.toml"), site_file(absent, noisy)).unwrap();
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, gateway_config(closed_port())).unwrap();
+    facwatch_proto::secret::create_private(
+        &dir.path().join("gateway.key"),
+        KEY.to_hex_line().as_bytes(),
+    )
+    .unwrap();
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_facwatch-gateway"))
         .arg("--config")
@@ -318,6 +331,13 @@ fn every_json_line_names_site_and_gateway_and_a_meters_line_names_its_line() {
     };
     assert!(status.success(), "{status}");
     read_until(&lines, &mut seen, Instant::now() + WAIT, |_| false);
+
+    // Debug lines included, no line shows a secret.
+    let key_hex = KEY.to_hex_line();
+    for line in &seen {
+        assert!(!line.text.contains(PASSWORD), "{}", line.text);
+        assert!(!line.text.contains(key_hex.trim()), "{}", line.text);
+    }
 
     for line in &seen {
         assert_eq!(line.get("site"), Some(SITE), "{}", line.text);

@@ -16,6 +16,7 @@ use common::{image, words, FakeServer, Framing, Reply};
 use facwatch_gateway::{GatewayError, MetricsError, MqttSettings, Settings, Stats};
 use facwatch_proto::clock::{wall_now_ms, Clock};
 use facwatch_proto::profile::{ProfileName, Ratios};
+use facwatch_proto::seal::GatewayKey;
 use facwatch_proto::site::Site;
 use facwatch_proto::wire::Values;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -144,8 +145,15 @@ fn settings(modbus: SocketAddr, buffer: &std::path::Path, metrics: SocketAddr) -
     let clock = Clock::simulated(START_MS, wall_now_ms() + 1000, TIME_SCALE);
     let mqtt = MqttSettings::new("127.0.0.1", closed_port(), "gw-metrics");
     let absent = SocketAddr::from(([127, 0, 0, 1], closed_port()));
-    let mut settings =
-        Settings::new(&site(modbus, absent), "gw-metrics", mqtt, buffer, clock).unwrap();
+    let mut settings = Settings::new(
+        &site(modbus, absent),
+        "gw-metrics",
+        mqtt,
+        GatewayKey::from_bytes([9; 32]),
+        buffer,
+        clock,
+    )
+    .unwrap();
     settings.poll_until_ms = Some(START_MS + SLOTS * POLL_INTERVAL_MS);
     settings.metrics_listen = Some(metrics);
     settings

@@ -44,7 +44,7 @@ pub const KEY_LEN: usize = 32;
 pub struct GatewayKey([u8; KEY_LEN]);
 
 impl GatewayKey {
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> GatewayKey {
+    pub const fn from_bytes(bytes: [u8; KEY_LEN]) -> GatewayKey {
         GatewayKey(bytes)
     }
 

@@ -19,6 +19,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use facwatch_proto::seal::{self, GatewayKey, Purpose};
 use facwatch_proto::wire::Ack;
 use rumqttc::{AsyncClient, ClientError, Event, EventLoop, Outgoing, Packet, QoS};
 use tokio::sync::mpsc;
@@ -41,7 +42,8 @@ pub(crate) enum LinkEvent {
     Disconnected { error: String, retry_in: Duration },
     /// An ack from the ingest.
     Ack { seq: u64 },
-    /// A payload on the ack topic that is not an ack.
+    /// A payload on the ack topic that is not an ack sealed with this
+    /// gateway's key.
     BadAck { error: String },
 }
 
@@ -147,6 +149,7 @@ pub(crate) async fn drive(
     mut eventloop: EventLoop,
     live: Live,
     ack_topic: String,
+    key: GatewayKey,
     events: mpsc::Sender<LinkEvent>,
     stop: CancellationToken,
 ) {
@@ -165,12 +168,7 @@ pub(crate) async fn drive(
                 LinkEvent::Connected { generation }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == ack_topic => {
-                match Ack::decode(&publish.payload) {
-                    Ok(ack) => LinkEvent::Ack { seq: ack.seq },
-                    Err(e) => LinkEvent::BadAck {
-                        error: e.to_string(),
-                    },
-                }
+                open_ack(&key, &publish.payload)
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => continue,
@@ -199,9 +197,47 @@ pub(crate) async fn drive(
     }
 }
 
+/// An ack counts only if the ingest sealed it with this gateway's key: a
+/// forged ack would make the buffer delete batches the ingest never saw.
+fn open_ack(key: &GatewayKey, payload: &[u8]) -> LinkEvent {
+    let opened = seal::open(key, Purpose::Ack, payload)
+        .map_err(|e| e.to_string())
+        .and_then(|message| Ack::decode(message).map_err(|e| e.to_string()));
+    match opened {
+        Ok(ack) => LinkEvent::Ack { seq: ack.seq },
+        Err(error) => LinkEvent::BadAck { error },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_acks_sealed_with_the_gateway_key_count() {
+        let key = GatewayKey::from_bytes([3; 32]);
+        let ack = Ack { seq: 42 }.encode();
+        assert_eq!(
+            open_ack(&key, &seal::seal(&key, Purpose::Ack, &ack)),
+            LinkEvent::Ack { seq: 42 }
+        );
+        let forged = seal::seal(&GatewayKey::from_bytes([4; 32]), Purpose::Ack, &ack);
+        let as_batch = seal::seal(&key, Purpose::Batch, &ack);
+        for payload in [forged, as_batch] {
+            assert_eq!(
+                open_ack(&key, &payload),
+                LinkEvent::BadAck {
+                    error: seal::OpenError::BadTag.to_string()
+                }
+            );
+        }
+        assert_eq!(
+            open_ack(&key, &ack),
+            LinkEvent::BadAck {
+                error: seal::OpenError::Short { len: 2 }.to_string()
+            }
+        );
+    }
 
     #[test]
     fn backoff_doubles_from_100_ms_to_5_s_and_resets() {

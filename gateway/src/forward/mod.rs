@@ -31,9 +31,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use facwatch_proto::clock::Clock;
+use facwatch_proto::seal::{self, GatewayKey, Purpose};
 use facwatch_proto::topics;
-use facwatch_proto::wire::{LinkState, Status, MAX_BATCH_BYTES};
-use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS};
+use facwatch_proto::wire::{LinkState, Status};
+use rumqttc::{AsyncClient, LastWill, MqttOptions, QoS, TlsConfiguration, Transport};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
@@ -45,8 +46,9 @@ use link::{LinkEvent, Publisher, Refused};
 use pace::{Pacer, ReplayPace};
 use state::{AckOutcome, ForwardState, SendKind};
 
-/// Room for the MQTT fixed header, topic and packet id around a batch.
-const MAX_PACKET_BYTES: usize = MAX_BATCH_BYTES + 4 * 1024;
+/// Room for the MQTT fixed header, topic and packet id around a sealed
+/// batch.
+const MAX_PACKET_BYTES: usize = seal::MAX_SEALED_BATCH_BYTES + 4 * 1024;
 
 /// How long a closing forwarder waits for its offline status and
 /// disconnect to be written.
@@ -64,6 +66,8 @@ pub(crate) struct ForwardPlan {
     pub(crate) site: String,
     pub(crate) gateway: String,
     pub(crate) mqtt: MqttSettings,
+    /// Seals batches, opens acks.
+    pub(crate) key: GatewayKey,
     pub(crate) window_batches: u32,
     pub(crate) ack_timeout: Duration,
     pub(crate) replay: ReplayPace,
@@ -101,6 +105,11 @@ fn mqtt_options(plan: &ForwardPlan, status_topic: &str) -> MqttOptions {
         ));
     if let Some(credentials) = &mqtt.credentials {
         options.set_credentials(credentials.username.clone(), credentials.password.clone());
+    }
+    if let Some(tls) = &mqtt.tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            tls.config.clone(),
+        )));
     }
     options
 }
@@ -153,6 +162,7 @@ pub(crate) async fn run(
             eventloop,
             live,
             topics.ack.clone(),
+            plan.key.clone(),
             events_tx,
             driver_stop.clone(),
         )
@@ -336,7 +346,7 @@ impl Forwarder {
             }
             LinkEvent::Ack { .. } => unreachable!("acks are handled by on_ack"),
             LinkEvent::BadAck { error } => {
-                tracing::warn!(%site, %gateway, %error, "Ignored a malformed ack.");
+                tracing::warn!(%site, %gateway, %error, "Ignored a payload on the ack topic that is not an ack sealed with this gateway's key.");
             }
         }
     }
@@ -400,10 +410,11 @@ impl Forwarder {
                 if seq >= from + count {
                     break;
                 }
-                let len = bytes.len();
+                let sealed = seal::seal(&self.plan.key, Purpose::Batch, &bytes);
+                let len = sealed.len();
                 match self
                     .publisher
-                    .publish(generation, &self.topics.batch, false, bytes)
+                    .publish(generation, &self.topics.batch, false, sealed)
                 {
                     Ok(()) => {
                         self.pacer.on_sent(tokio::time::Instant::now(), len);
@@ -478,6 +489,7 @@ mod tests {
             site: "s".into(),
             gateway: "gw-01".into(),
             mqtt,
+            key: GatewayKey::from_bytes([1; 32]),
             window_batches: 16,
             ack_timeout: Duration::from_secs(5),
             replay: ReplayPace::UNLIMITED,
