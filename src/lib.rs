@@ -4,6 +4,7 @@
 //! wires, for detector tests ([`plant_samples`]).
 
 pub mod pipeline;
+pub mod pki;
 pub mod plant_samples;
 pub mod report;
 

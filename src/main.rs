@@ -174,7 +174,7 @@ async fn serve(
 ) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     settings.clock = facwatch_proto::clock::Clock::real();
-    settings.http = Some(facwatch_ingest::HttpSettings { listen: addr });
+    settings.http = Some(facwatch_ingest::HttpSettings::open(addr));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let mut terminate = signal(SignalKind::terminate())?;
     let ingest = tokio::spawn(facwatch_ingest::run(

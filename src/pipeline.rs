@@ -6,8 +6,14 @@
 //! Every socket binds port 0; every part stops through its own
 //! cancellation token; the run ends when the gateway has polled up to the
 //! end of the window and the ingest has acknowledged every batch.
+//!
+//! Secured as a deployment is: the embedded broker serves TLS with a
+//! throwaway CA's certificate ([`crate::pki`]) and lets in only the
+//! gateway's login and the platform's (argon2 hashes of passwords made up
+//! for the run); the gateway seals its batches with a key made up for the
+//! run, which the ingest holds.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use facwatch_ingest::detect::{Event, EventStatus};
 use facwatch_proto::clock::Clock;
+use facwatch_proto::seal::GatewayKey;
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_sim::Scenario;
@@ -57,6 +64,40 @@ pub enum Progress {
     Closed(serde_json::Value),
     /// The ingest was stopped or started again (outage option).
     Ingest { running: bool, now_ms: i64 },
+    /// The broker is up (sent first): how a platform client reaches it.
+    Broker(BrokerAccess),
+}
+
+/// How an outside MQTT client (the platform) reaches the run's broker.
+#[derive(Debug, Clone)]
+pub struct BrokerAccess {
+    /// The TLS address.
+    pub addr: std::net::SocketAddr,
+    /// TLS client config trusting the run's CA only.
+    pub tls: facwatch_gateway::TlsSettings,
+    /// The platform's login.
+    pub login: facwatch_ingest::Credentials,
+}
+
+impl BrokerAccess {
+    /// rumqttc options for a client `client_id` with this access.
+    pub fn mqtt_options(&self, client_id: &str) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, self.addr.ip().to_string(), self.addr.port());
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_max_packet_size(1 << 20, 1 << 20)
+            .set_credentials(self.login.username.clone(), self.login.password.clone())
+            .set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(self.tls.client_config()),
+            ));
+        options
+    }
+}
+
+/// A password made up for one run: 32 random bytes as hex.
+fn made_up_password() -> anyhow::Result<String> {
+    let key = GatewayKey::generate().context("no random source")?;
+    Ok(key.to_hex_line().trim().to_string())
 }
 
 /// The result of a run.
@@ -109,16 +150,57 @@ pub async fn run(
         stop_sim.clone(),
     ));
 
-    let broker = facwatch_ingest::broker::start_embedded("127.0.0.1:0".parse()?)
-        .context("starting the embedded MQTT broker")?;
-    let mqtt_host = broker.addr.ip().to_string();
-    let mqtt_port = broker.addr.port();
+    // The secrets of the run: the gateway's key, a CA and the broker's
+    // certificate, the gateway's and the platform's logins.
+    let key = GatewayKey::generate().context("no random source")?;
+    let pki = crate::pki::create(&work_dir.join("tls"), "facwatch demo")?;
+    let gateway_login = facwatch_ingest::Credentials {
+        username: gateway_id.clone(),
+        password: made_up_password()?,
+    };
+    let platform_login = facwatch_ingest::Credentials {
+        username: "platform".into(),
+        password: made_up_password()?,
+    };
+    let mut logins = facwatch_ingest::Logins::default();
+    for login in [&gateway_login, &platform_login] {
+        let hash =
+            facwatch_ingest::broker::hash_password(&login.password).map_err(anyhow::Error::msg)?;
+        logins
+            .insert(&login.username, &hash)
+            .map_err(anyhow::Error::msg)?;
+    }
+    let security = facwatch_ingest::BrokerSecurity {
+        tls: Some(facwatch_ingest::BrokerTls {
+            cert_file: pki.broker_cert_file.clone(),
+            key_file: pki.broker_key_file.clone(),
+        }),
+        logins,
+    };
+    let tls = facwatch_gateway::TlsSettings::load(facwatch_gateway::TlsFiles {
+        ca_file: pki.ca_file.clone(),
+        client: None,
+    })
+    .map_err(anyhow::Error::msg)?;
+
+    let ingest_stats = Arc::new(facwatch_ingest::Stats::default());
+    let broker = facwatch_ingest::broker::start_secured(
+        "127.0.0.1:0".parse()?,
+        &security,
+        ingest_stats.clone(),
+    )
+    .context("starting the embedded MQTT broker")?;
+    let access = BrokerAccess {
+        addr: broker.addr,
+        tls: tls.clone(),
+        login: platform_login,
+    };
+    let _ = progress.send(Progress::Broker(access.clone()));
 
     // The platform's view: closed events as published on MQTT.
     let stop_watch = CancellationToken::new();
     let watcher = tokio::spawn(watch_events(
-        mqtt_host.clone(),
-        mqtt_port,
+        access,
         site.id.clone(),
         progress.clone(),
         stop_watch.clone(),
@@ -127,27 +209,38 @@ pub async fn run(
     let ingest_settings = {
         let mut s = facwatch_ingest::Settings::new(
             vec![site.clone()],
+            HashMap::from([(gateway_id.clone(), key.clone())]),
             work_dir.join("ingest.redb"),
             facwatch_ingest::MqttSettings {
-                host: mqtt_host.clone(),
-                port: mqtt_port,
+                host: broker.internal.ip().to_string(),
+                port: broker.internal.port(),
                 client_id: "facwatch-ingest".into(),
             },
         )?;
+        s.mqtt_credentials = broker.internal_login.clone();
         s.clock = clock;
-        s.http = options
-            .http
-            .map(|listen| facwatch_ingest::HttpSettings { listen });
+        s.http = options.http.map(facwatch_ingest::HttpSettings::open);
         s
     };
-    let ingest_stats = Arc::new(facwatch_ingest::Stats::default());
     let mut ingest = Some(start_ingest(ingest_settings.clone(), ingest_stats.clone()));
 
     let gateway_settings = {
         let mut s = facwatch_gateway::Settings::new(
             &site,
             &gateway_id,
-            facwatch_gateway::MqttSettings::new(&mqtt_host, mqtt_port, &gateway_id),
+            facwatch_gateway::MqttSettings {
+                credentials: Some(facwatch_gateway::MqttCredentials {
+                    username: gateway_login.username.clone(),
+                    password: gateway_login.password.clone(),
+                }),
+                tls: Some(tls),
+                ..facwatch_gateway::MqttSettings::new(
+                    broker.addr.ip().to_string(),
+                    broker.addr.port(),
+                    &gateway_id,
+                )
+            },
+            key,
             work_dir.join("gateway.redb"),
             clock,
         )?;
@@ -283,15 +376,12 @@ async fn stop_ingest((stop, handle): IngestTask) -> anyhow::Result<()> {
 /// Subscribes to the site's events topic and reports closed events, once
 /// per id. Returns the ids it reported.
 async fn watch_events(
-    host: String,
-    port: u16,
+    access: BrokerAccess,
     site: String,
     progress: mpsc::UnboundedSender<Progress>,
     stop: CancellationToken,
 ) -> HashSet<String> {
-    let mut options = MqttOptions::new("facwatch-demo-platform", host, port);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_max_packet_size(1 << 20, 1 << 20);
+    let options = access.mqtt_options("facwatch-demo-platform");
     let (client, mut eventloop) = AsyncClient::new(options, 64);
     let topic = topics::events(&site);
     let mut seen = HashSet::new();

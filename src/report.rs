@@ -68,6 +68,14 @@ impl ProgressView {
                     }
                 }
             }
+            Progress::Broker(access) => {
+                self.clear_line(&mut err);
+                let _ = writeln!(
+                    err,
+                    "MQTT over TLS on {} (logins for the gateway and the platform; batches sealed with the gateway's key)",
+                    access.addr
+                );
+            }
             Progress::Ingest { running, now_ms } => {
                 self.clear_line(&mut err);
                 let what = if *running { "started again" } else { "stopped" };

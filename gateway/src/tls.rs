@@ -53,6 +53,12 @@ impl std::fmt::Debug for TlsSettings {
 }
 
 impl TlsSettings {
+    /// The rustls client config (for other MQTT clients that should trust
+    /// exactly what the gateway trusts: tests, the demo's platform view).
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.config.clone()
+    }
+
     /// Reads and checks the files; the error names the file and what is
     /// wrong with it.
     pub fn load(files: TlsFiles) -> Result<TlsSettings, String> {

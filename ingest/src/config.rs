@@ -20,7 +20,17 @@
 //!   `backoff_max_ms >= backoff_initial_ms`; an auth header has a valid name
 //!   and value, and its value never appears in `Debug` output or logs.
 //!
-//! - `[http]` is optional; when present, `listen` is a socket address.
+//! - every gateway of every site has a key ([`GatewayKey`]), read from
+//!   `keys_dir/<gateway>.key`, a file private to its owner; `Debug` shows
+//!   only key fingerprints;
+//! - the embedded broker's TLS key file is private to its owner, its
+//!   certificate and key load, and its logins are argon2 PHC hashes
+//!   ([`Logins`]); an embedded broker listening on anything but a loopback
+//!   address has both TLS and logins (an open broker on a network would let
+//!   anyone in);
+//! - `[http]` is optional; when present, `listen` is a socket address and
+//!   the bearer token, if any, was read from a private file and is 32 to
+//!   1024 visible ASCII characters (never in `Debug` output or logs).
 //! - `[influxdb]` is optional; when present, `url` is an http(s) base URL
 //!   without query or user info, `org` and `bucket` are non-empty, the
 //!   token is visible ASCII (and never appears in `Debug` output or logs),
@@ -36,7 +46,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use facwatch_proto::clock::Clock;
+use facwatch_proto::seal::GatewayKey;
+use facwatch_proto::secret;
 use facwatch_proto::site::{read_toml, validate_id, ConfigError, Site};
+
+pub use crate::broker::auth::Logins;
 
 /// The commented default configuration, as shipped.
 pub const DEFAULT_CONFIG: &str = include_str!("../ingest.default.toml");
@@ -51,8 +65,12 @@ const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub sites: Vec<Site>,
+    /// Gateway id -> its key; every gateway of `sites` has one.
+    pub keys: HashMap<String, GatewayKey>,
     pub store_path: PathBuf,
     pub broker: BrokerMode,
+    /// TLS and logins of the embedded broker (unused with an external one).
+    pub broker_security: BrokerSecurity,
     pub mqtt: MqttSettings,
     /// What "now" is for the historical flag of events: the wall clock in
     /// the field, the simulation's clock in a simulated world.
@@ -200,12 +218,53 @@ impl std::fmt::Debug for InfluxSettings {
     }
 }
 
-/// The HTTP API (`[http]`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The HTTP API (`[http]`). `Debug` hides the token.
+#[derive(Clone, PartialEq, Eq)]
 pub struct HttpSettings {
     /// Address to bind; port 0 picks a free port
     /// ([`crate::Stats::http_addr`] tells which).
     pub listen: SocketAddr,
+    /// When set, every route but `/healthz` and `/readyz` wants
+    /// `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+impl HttpSettings {
+    /// The API on `listen`, without a token.
+    pub fn open(listen: SocketAddr) -> HttpSettings {
+        HttpSettings {
+            listen,
+            token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSettings")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Shortest and longest accepted bearer token.
+const TOKEN_CHARS: std::ops::RangeInclusive<usize> = 32..=1024;
+
+/// TLS and logins of the embedded broker.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerSecurity {
+    /// Serve MQTT over TLS with this certificate chain and key (PEM).
+    pub tls: Option<BrokerTls>,
+    /// Who may connect; empty lets anyone in (loopback only).
+    pub logins: Logins,
+}
+
+/// The embedded broker's certificate chain and private key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 /// When notices are live, summarised or raised (`[notices]`).
@@ -327,6 +386,7 @@ impl Settings {
     /// ingest (the caller runs it, e.g. the embedded one on port 0).
     pub fn new(
         sites: Vec<Site>,
+        keys: HashMap<String, GatewayKey>,
         store_path: impl Into<PathBuf>,
         mqtt: MqttSettings,
     ) -> Result<Settings, ConfigError> {
@@ -337,10 +397,23 @@ impl Settings {
             .map(|site| (format!("site `{}`", site.id), site))
             .collect();
         check_unique_ids(&named, FILE)?;
+        for site in named.iter().map(|(_, site)| site) {
+            for gateway in &site.gateways {
+                if !keys.contains_key(&gateway.id) {
+                    return Err(ConfigError::new(
+                        FILE,
+                        "keys",
+                        format!("gateway `{}` of site `{}` has no key", gateway.id, site.id),
+                    ));
+                }
+            }
+        }
         Ok(Settings {
             sites: named.into_iter().map(|(_, site)| site).collect(),
+            keys,
             store_path: store_path.into(),
             broker: BrokerMode::External,
+            broker_security: BrokerSecurity::default(),
             mqtt,
             clock: Clock::real(),
             mqtt_credentials: None,
@@ -376,11 +449,32 @@ impl Settings {
             .unwrap_or_else(|| DEFAULT_CLIENT_ID.to_string());
         validate_id(&client_id).map_err(|p| ConfigError::new(file, "mqtt.client_id", p))?;
 
+        let keys_dir = base.join(&raw.keys_dir);
+        let mut keys = HashMap::new();
+        for (_, site) in &sites {
+            for gateway in &site.gateways {
+                let path = keys_dir.join(format!("{}.key", gateway.id));
+                let key = secret::read_gateway_key(&path).map_err(|e| {
+                    ConfigError::new(
+                        file,
+                        "keys_dir",
+                        format!("key of gateway `{}` (site `{}`): {e}", gateway.id, site.id),
+                    )
+                })?;
+                keys.insert(gateway.id.clone(), key);
+            }
+        }
+
         let (broker, host, port) = broker_of(&raw.broker, file)?;
+        let broker_security = broker_security_of(&raw.broker, broker, base, file)?;
         let mqtt_credentials = credentials_of(&raw.mqtt, broker, file)?;
         let notices = notices_of(&raw.notices, file)?;
         let webhooks = webhooks_of(&raw.webhooks, file)?;
-        let http = raw.http.as_ref().map(|h| http_of(h, file)).transpose()?;
+        let http = raw
+            .http
+            .as_ref()
+            .map(|h| http_of(h, base, file))
+            .transpose()?;
         let influxdb = raw
             .influxdb
             .as_ref()
@@ -388,8 +482,10 @@ impl Settings {
             .transpose()?;
         Ok(Settings {
             sites: sites.into_iter().map(|(_, site)| site).collect(),
+            keys,
             store_path,
             broker,
+            broker_security,
             mqtt: MqttSettings {
                 host,
                 port,
@@ -411,7 +507,7 @@ impl Settings {
     }
 }
 
-fn http_of(raw: &raw::Http, file: &str) -> Result<HttpSettings, ConfigError> {
+fn http_of(raw: &raw::Http, base: &Path, file: &str) -> Result<HttpSettings, ConfigError> {
     let listen: SocketAddr = raw.listen.parse().map_err(|_| {
         ConfigError::new(
             file,
@@ -422,7 +518,94 @@ fn http_of(raw: &raw::Http, file: &str) -> Result<HttpSettings, ConfigError> {
             ),
         )
     })?;
-    Ok(HttpSettings { listen })
+    let token = match &raw.token_file {
+        None => None,
+        Some(path) => {
+            let token = secret::read_private_text(&base.join(path))
+                .map_err(|e| ConfigError::new(file, "http.token_file", e.to_string()))?;
+            let visible = token.bytes().all(|b| b.is_ascii_graphic());
+            if !visible || !TOKEN_CHARS.contains(&token.len()) {
+                // The token is a secret: say what is wrong, not what it is.
+                return Err(ConfigError::new(
+                    file,
+                    "http.token_file",
+                    format!(
+                        "the token must be {} to {} visible ASCII characters on one line (e.g. `openssl rand -hex 32`)",
+                        TOKEN_CHARS.start(),
+                        TOKEN_CHARS.end()
+                    ),
+                ));
+            }
+            Some(token)
+        }
+    };
+    Ok(HttpSettings { listen, token })
+}
+
+fn broker_security_of(
+    raw: &raw::Broker,
+    broker: BrokerMode,
+    base: &Path,
+    file: &str,
+) -> Result<BrokerSecurity, ConfigError> {
+    let BrokerMode::Embedded { listen } = broker else {
+        for (key, set) in [
+            ("tls_cert_file", raw.tls_cert_file.is_some()),
+            ("tls_key_file", raw.tls_key_file.is_some()),
+            ("logins", !raw.logins.is_empty()),
+        ] {
+            if set {
+                return Err(ConfigError::new(
+                    file,
+                    format!("broker.{key}"),
+                    "is not used with mode = \"external\" (configure the external broker itself); remove it",
+                ));
+            }
+        }
+        return Ok(BrokerSecurity::default());
+    };
+    let tls = match (&raw.tls_cert_file, &raw.tls_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let tls = BrokerTls {
+                cert_file: base.join(cert),
+                key_file: base.join(key),
+            };
+            crate::broker::check_tls_files(&tls)
+                .map_err(|problem| ConfigError::new(file, "broker.tls_key_file", problem))?;
+            Some(tls)
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::new(
+                file,
+                "broker.tls_key_file",
+                "is required when broker.tls_cert_file is set",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::new(
+                file,
+                "broker.tls_cert_file",
+                "is required when broker.tls_key_file is set",
+            ))
+        }
+    };
+    let mut logins = Logins::default();
+    for (username, hash) in &raw.logins {
+        logins.insert(username, hash).map_err(|problem| {
+            ConfigError::new(file, format!("broker.logins.{username}"), problem)
+        })?;
+    }
+    if !listen.ip().is_loopback() && (tls.is_none() || logins.is_empty()) {
+        return Err(ConfigError::new(
+            file,
+            "broker.listen",
+            format!(
+                "{listen} is not a loopback address: an embedded broker reachable from a network needs TLS (tls_cert_file, tls_key_file) and logins ([broker.logins])"
+            ),
+        ));
+    }
+    Ok(BrokerSecurity { tls, logins })
 }
 
 fn influx_of(raw: &raw::Influx, file: &str) -> Result<InfluxSettings, ConfigError> {
@@ -593,7 +776,7 @@ fn credentials_of(
         return Err(ConfigError::new(
             file,
             "mqtt.username",
-            "is not used with broker.mode = \"embedded\" (the embedded broker has no logins); remove mqtt.username and mqtt.password",
+            "is not used with broker.mode = \"embedded\" (the ingest logs in to its own broker by itself; gateway logins go in [broker.logins]); remove mqtt.username and mqtt.password",
         ));
     }
     if username.is_empty() {
@@ -833,6 +1016,8 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub(super) struct Config {
         pub(super) sites_dir: PathBuf,
+        #[serde(default = "default_keys_dir")]
+        pub(super) keys_dir: PathBuf,
         pub(super) store_path: PathBuf,
         #[serde(default)]
         pub(super) broker: Broker,
@@ -864,10 +1049,15 @@ mod raw {
         pub(super) backoff_max_ms: Option<u64>,
     }
 
+    fn default_keys_dir() -> PathBuf {
+        PathBuf::from("keys")
+    }
+
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     pub(super) struct Http {
         pub(super) listen: String,
+        pub(super) token_file: Option<PathBuf>,
     }
 
     #[derive(Deserialize, Default)]
@@ -907,6 +1097,11 @@ mod raw {
         pub(super) listen: Option<String>,
         pub(super) host: Option<String>,
         pub(super) port: Option<u16>,
+        pub(super) tls_cert_file: Option<PathBuf>,
+        pub(super) tls_key_file: Option<PathBuf>,
+        /// Username -> argon2 PHC hash of the password.
+        #[serde(default)]
+        pub(super) logins: std::collections::BTreeMap<String, String>,
     }
 
     #[derive(Deserialize, Default)]
@@ -925,6 +1120,8 @@ mod tests {
     const SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
 
     /// A config directory with `ingest.toml` and the given site files.
+    /// A config directory with `ingest.toml`, the given site files, and a
+    /// private key in `keys/` for every gateway of those that parse.
     fn config_dir(config: &str, sites: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ingest.toml"), config).unwrap();
@@ -932,7 +1129,35 @@ mod tests {
         for (name, text) in sites {
             std::fs::write(dir.path().join("sites").join(name), text).unwrap();
         }
+        write_keys(&dir.path().join("keys"), sites);
         dir
+    }
+
+    fn test_key(gateway: &str) -> GatewayKey {
+        GatewayKey::from_bytes([gateway.len() as u8; 32])
+    }
+
+    fn write_keys(keys_dir: &Path, sites: &[(&str, &str)]) {
+        std::fs::create_dir_all(keys_dir).unwrap();
+        for (name, text) in sites {
+            let Ok(site) = Site::from_toml(text, name) else {
+                continue;
+            };
+            for gateway in &site.gateways {
+                let path = keys_dir.join(format!("{}.key", gateway.id));
+                if !path.exists() {
+                    let line = test_key(&gateway.id).to_hex_line();
+                    secret::create_private(&path, line.as_bytes()).unwrap();
+                }
+            }
+        }
+    }
+
+    fn keys_of(site: &Site) -> HashMap<String, GatewayKey> {
+        site.gateways
+            .iter()
+            .map(|g| (g.id.clone(), test_key(&g.id)))
+            .collect()
     }
 
     fn load(dir: &tempfile::TempDir) -> Result<Settings, ConfigError> {
@@ -1280,13 +1505,25 @@ host = "127.0.0.1"
             port: 1883,
             client_id: "ingest".into(),
         };
-        let err =
-            Settings::new(vec![site.clone(), site.clone()], "x.redb", mqtt.clone()).unwrap_err();
+        let keys = keys_of(&site);
+        let err = Settings::new(
+            vec![site.clone(), site.clone()],
+            keys.clone(),
+            "x.redb",
+            mqtt.clone(),
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "site `tx-dyeing`: site.id: site id `tx-dyeing` is already used by site `tx-dyeing`"
         );
-        let settings = Settings::new(vec![site], "x.redb", mqtt).unwrap();
+        let err =
+            Settings::new(vec![site.clone()], HashMap::new(), "x.redb", mqtt.clone()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "<settings>: keys: gateway `gw-01` of site `tx-dyeing` has no key"
+        );
+        let settings = Settings::new(vec![site], keys, "x.redb", mqtt).unwrap();
         assert_eq!(settings.broker, BrokerMode::External);
     }
 
@@ -1299,9 +1536,7 @@ host = "127.0.0.1"
         let dir = config_dir(&config, &[("plant.site.toml", SITE)]);
         assert_eq!(
             load(&dir).unwrap().http,
-            Some(HttpSettings {
-                listen: "127.0.0.1:0".parse().unwrap()
-            })
+            Some(HttpSettings::open("127.0.0.1:0".parse().unwrap()))
         );
 
         let config = format!("{DEFAULT_CONFIG}\n[http]\nlisten = \"localhost:8080\"\n");
@@ -1414,14 +1649,19 @@ host = "127.0.0.1"
 
     #[test]
     fn the_deploy_example_loads_with_its_site_and_api() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/ingest.toml");
-        let settings = Settings::load(&path).unwrap();
+        // Beside its site file, with the key the README has one make.
+        let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let dir = tempfile::tempdir().unwrap();
+        let site_name = "stenter-plant.site.toml";
+        std::fs::copy(deploy.join("ingest.toml"), dir.path().join("ingest.toml")).unwrap();
+        std::fs::copy(deploy.join(site_name), dir.path().join(site_name)).unwrap();
+        write_keys(&dir.path().join("keys"), &[(site_name, SITE)]);
+        let settings = Settings::load(&dir.path().join("ingest.toml")).unwrap();
         assert_eq!(settings.sites.len(), 1);
+        assert_eq!(settings.keys, keys_of(&settings.sites[0]));
         assert_eq!(
             settings.http,
-            Some(HttpSettings {
-                listen: "127.0.0.1:8080".parse().unwrap()
-            })
+            Some(HttpSettings::open("127.0.0.1:8080".parse().unwrap()))
         );
         assert_eq!(settings.influxdb, None);
     }

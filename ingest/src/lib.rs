@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use config::{
-    BrokerMode, Credentials, HttpSettings, InfluxSettings, MqttSettings, NoticeSettings, Precision,
-    Settings, WebhookSettings,
+    BrokerMode, BrokerSecurity, BrokerTls, Credentials, HttpSettings, InfluxSettings, Logins,
+    MqttSettings, NoticeSettings, Precision, Settings, WebhookSettings,
 };
 pub use stats::{Stats, StatsSnapshot, WebhookSnapshot};
 pub use store::{InfluxOutboxDepth, Store, StoreError};
@@ -88,7 +88,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), IngestError> {
     let http_listener =
-        match settings.http {
+        match &settings.http {
             Some(http) => Some(http::bind(http.listen, &stats).await.map_err(|source| {
                 IngestError::HttpBind {
                     addr: http.listen,
@@ -101,7 +101,8 @@ pub async fn run(
     let (client, mut eventloop) =
         AsyncClient::new(receive::mqtt_options(&settings), receive::REQUEST_QUEUE);
     eventloop.set_network_options(receive::network_options());
-    let publisher = Publisher::new(client.clone(), stats.clone());
+    let keys = Arc::new(settings.keys.clone());
+    let publisher = Publisher::new(client.clone(), stats.clone(), keys.clone());
     // Stopped after the apply task, so the acks of its last group go out.
     let stop_late_acks = CancellationToken::new();
     let late_acks = tokio::spawn(
@@ -142,6 +143,7 @@ pub async fn run(
     let mut applier = ApplyTask::new(
         applier,
         publisher,
+        keys,
         stats.clone(),
         settings.clock,
         settings.notices,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use facwatch_ingest::broker::start_embedded;
+use facwatch_ingest::broker::{hash_password, start_secured};
 use facwatch_ingest::config::DEFAULT_CONFIG;
 use facwatch_ingest::{BrokerMode, Settings, Stats};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,17 @@ enum Command {
     CheckConfig,
     /// Print the commented default configuration.
     PrintDefaultConfig,
+    /// Read a password from stdin (one line) and print its argon2id hash,
+    /// for `[broker.logins]`.
+    HashPassword,
+    /// Write a new random gateway key (64 hex digits, mode 0600) to FILE;
+    /// copy it to the gateway's `gateway_key_file` and to this ingest's
+    /// `keys_dir/<gateway>.key`. Prints the key's fingerprint.
+    GatewayKey {
+        /// The file to create (an existing file is never replaced).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -47,9 +58,14 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::PrintDefaultConfig) = cli.command {
-        print!("{DEFAULT_CONFIG}");
-        return ExitCode::SUCCESS;
+    match &cli.command {
+        Some(Command::PrintDefaultConfig) => {
+            print!("{DEFAULT_CONFIG}");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::HashPassword) => return print_password_hash(),
+        Some(Command::GatewayKey { out }) => return write_gateway_key(out),
+        _ => {}
     }
     init_logging(cli.log_format);
 
@@ -84,6 +100,53 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_password_hash() -> ExitCode {
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("facwatch-ingest: cannot read the password from stdin: {e}");
+        return ExitCode::from(1);
+    }
+    let password = line.trim_end_matches(['\n', '\r']);
+    if password.is_empty() {
+        eprintln!("facwatch-ingest: the password on stdin is empty");
+        return ExitCode::from(2);
+    }
+    match hash_password(password) {
+        Ok(hash) => {
+            println!("{hash}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("facwatch-ingest: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn write_gateway_key(out: &Path) -> ExitCode {
+    let key = match facwatch_proto::seal::GatewayKey::generate() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("facwatch-ingest: no random source: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match facwatch_proto::secret::create_private(out, key.to_hex_line().as_bytes()) {
+        Ok(()) => {
+            println!(
+                "{}: new gateway key, fingerprint {}",
+                out.display(),
+                key.fingerprint()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("facwatch-ingest: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn,redb=warn"));
@@ -103,15 +166,18 @@ fn run(mut settings: Settings, config_path: &Path) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     tracing::info!(config = %config_path.display(), "Configuration loaded.");
+    let stats = Arc::new(Stats::default());
     if let BrokerMode::Embedded { listen } = settings.broker {
         // Blocks until the broker accepts connections (a few seconds at most).
-        let broker = start_embedded(listen)?;
-        settings.mqtt.port = broker.addr.port();
+        let broker = start_secured(listen, &settings.broker_security, stats.clone())?;
+        settings.mqtt.host = broker.internal.ip().to_string();
+        settings.mqtt.port = broker.internal.port();
+        settings.mqtt_credentials = broker.internal_login;
     }
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
-        facwatch_ingest::run(settings, Arc::new(Stats::default()), shutdown).await?;
+        facwatch_ingest::run(settings, stats, shutdown).await?;
         Ok(())
     })
 }

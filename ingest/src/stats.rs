@@ -34,7 +34,12 @@ pub struct Stats {
     /// Batches past a gap the gateway did not declare: ignored, re-acked
     /// with `last_seq` so the gateway resends the missing ones.
     pub batches_out_of_order: AtomicU64,
-    /// Payloads that did not decode as a batch.
+    /// Payloads over the size of a sealed batch, refused unread.
+    pub rejected_too_large: AtomicU64,
+    /// Payloads whose tag is not the topic gateway's key's (forged,
+    /// altered, or sealed with another key): never decoded.
+    pub rejected_bad_mac: AtomicU64,
+    /// Sealed payloads that did not decode as a batch.
     pub rejected_decode: AtomicU64,
     /// Batches on the topic of a gateway no loaded site has.
     pub rejected_unknown_gateway: AtomicU64,
@@ -58,6 +63,14 @@ pub struct Stats {
     /// Acks queued for the broker: one per gateway per group, and one per
     /// gateway on every connection.
     pub acks_published: AtomicU64,
+    /// CONNECTs the embedded broker refused (unknown user, wrong or no
+    /// password).
+    pub logins_refused: AtomicU64,
+    /// TLS connections to the embedded broker that failed their handshake
+    /// (untrusted or no certificate, timeout, not TLS) or found it full.
+    pub tls_handshakes_failed: AtomicU64,
+    /// HTTP API requests refused for a missing or wrong bearer token.
+    pub api_unauthorized: AtomicU64,
     /// Acks and event messages dropped because the MQTT client stayed busy
     /// (a dropped ack only delays the gateway until it resends).
     pub publishes_dropped: AtomicU64,
@@ -116,6 +129,8 @@ pub struct StatsSnapshot {
     pub batches_duplicate: u64,
     pub sequence_gaps: u64,
     pub batches_out_of_order: u64,
+    pub rejected_too_large: u64,
+    pub rejected_bad_mac: u64,
     pub rejected_decode: u64,
     pub rejected_unknown_gateway: u64,
     pub rejected_gateway_mismatch: u64,
@@ -129,6 +144,9 @@ pub struct StatsSnapshot {
     pub data_interruptions: u64,
     pub groups_committed: u64,
     pub acks_published: u64,
+    pub logins_refused: u64,
+    pub tls_handshakes_failed: u64,
+    pub api_unauthorized: u64,
     pub publishes_dropped: u64,
     pub broker_subscriptions: u64,
     pub broker_connection_failures: u64,
@@ -178,6 +196,8 @@ impl Stats {
             batches_duplicate: get(&self.batches_duplicate),
             sequence_gaps: get(&self.sequence_gaps),
             batches_out_of_order: get(&self.batches_out_of_order),
+            rejected_too_large: get(&self.rejected_too_large),
+            rejected_bad_mac: get(&self.rejected_bad_mac),
             rejected_decode: get(&self.rejected_decode),
             rejected_unknown_gateway: get(&self.rejected_unknown_gateway),
             rejected_gateway_mismatch: get(&self.rejected_gateway_mismatch),
@@ -189,6 +209,9 @@ impl Stats {
             data_interruptions: get(&self.data_interruptions),
             groups_committed: get(&self.groups_committed),
             acks_published: get(&self.acks_published),
+            logins_refused: get(&self.logins_refused),
+            tls_handshakes_failed: get(&self.tls_handshakes_failed),
+            api_unauthorized: get(&self.api_unauthorized),
             publishes_dropped: get(&self.publishes_dropped),
             broker_subscriptions: get(&self.broker_subscriptions),
             broker_connection_failures: get(&self.broker_connection_failures),

@@ -4,6 +4,7 @@
 //! and its own store; every wait is on a message or a counter, bounded by
 //! [`LIMIT`].
 
+mod sealing;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +12,10 @@ use std::time::Duration;
 use facwatch_ingest::broker::{start_embedded, EmbeddedBroker, MAX_PACKET_BYTES};
 use facwatch_ingest::detect::Rule;
 use facwatch_ingest::{MqttSettings, Settings, Stats, StatsSnapshot, Store};
+use facwatch_proto::seal::{seal, GatewayKey, Purpose, MAX_SEALED_BATCH_BYTES};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
-use facwatch_proto::wire::{Ack, Batch, Quality, Sample, Values};
+use facwatch_proto::wire::{Batch, Quality, Sample, Values};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -117,7 +119,8 @@ impl World {
     fn settings(&self, broker: &EmbeddedBroker) -> Settings {
         let site = Site::load(&self.dir.path().join("plant.site.toml")).unwrap();
         Settings::new(
-            vec![site],
+            vec![site.clone()],
+            sealing::keys([&site]),
             self.store_path(),
             MqttSettings {
                 host: broker.addr.ip().to_string(),
@@ -233,7 +236,7 @@ impl Peer {
     }
 
     async fn send_batch(&self, batch: &Batch) {
-        self.publish(&topics::batch(&batch.gateway), batch.encode())
+        self.publish(&topics::batch(&batch.gateway), sealing::sealed(&batch))
             .await;
     }
 
@@ -253,7 +256,9 @@ impl Peer {
     /// The next message, which must be an ack: (gateway topic, seq, retained).
     async fn next_ack(&mut self) -> (String, u64, bool) {
         let message = self.next_message().await;
-        let ack = Ack::decode(&message.payload).expect("an ack payload");
+        let gateway = sealing::gateway_of_ack_topic(&message.topic);
+        let ack = sealing::open_ack(gateway, &message.payload)
+            .expect("an ack sealed with its gateway's key");
         (message.topic, ack.seq, message.retain)
     }
 
@@ -366,21 +371,39 @@ async fn bad_payloads_are_rejected_by_reason_while_good_batches_flow() {
         peer.send_batch(&batch("gw-a", 1, 2)).await;
         assert_eq!(peer.next_ack().await, (ack_topic("gw-a"), 1, false));
 
-        let good_b = batch("gw-b", 1, 4).encode();
-        let mut version_2 = good_b.clone();
-        version_2[0] = 2;
+        let good_b = sealing::sealed(&batch("gw-b", 1, 4));
         let gw_b_topic = topics::batch("gw-b");
-        // Garbage, a truncated batch, a newer version, an empty payload.
+        let as_gw_b = |message: &[u8]| seal(&sealing::key("gw-b"), Purpose::Batch, message);
+        let body_b = batch("gw-b", 1, 4).encode();
+        let mut version_2 = body_b.clone();
+        version_2[0] = 2;
+        // Not sealed with gw-b's key: garbage, a truncated sealed batch,
+        // gw-a's real batch on gw-b's topic, gw-b's batch sealed with
+        // another key (a forgery). None of them is decoded.
         peer.publish(&gw_b_topic, vec![0xFF; 40]).await;
         peer.publish(&gw_b_topic, good_b[..good_b.len() - 3].to_vec())
             .await;
-        peer.publish(&gw_b_topic, version_2).await;
-        // A batch of gw-a published on gw-b's topic.
-        peer.publish(&gw_b_topic, batch("gw-a", 2, 1).encode())
+        peer.publish(&gw_b_topic, sealing::sealed(&batch("gw-a", 2, 1)))
+            .await;
+        let forged = seal(&GatewayKey::from_bytes([0x66; 32]), Purpose::Batch, &body_b);
+        peer.publish(&gw_b_topic, forged).await;
+        // Sealed with gw-b's key but not a batch of gw-b: a newer version,
+        // a truncated body, a batch naming gw-a.
+        peer.publish(&gw_b_topic, as_gw_b(&version_2)).await;
+        peer.publish(&gw_b_topic, as_gw_b(&body_b[..body_b.len() - 3]))
+            .await;
+        peer.publish(&gw_b_topic, as_gw_b(&batch("gw-a", 2, 1).encode()))
+            .await;
+        // Larger than any sealed batch (yet within the broker's packet
+        // limit): refused unread.
+        peer.publish(&gw_b_topic, vec![0; MAX_SEALED_BATCH_BYTES + 1])
             .await;
         // Gateways no site has (the second is not even a gateway topic).
-        peer.publish(&topics::batch("gw-zzz"), batch("gw-zzz", 1, 1).encode())
-            .await;
+        peer.publish(
+            &topics::batch("gw-zzz"),
+            sealing::sealed(&batch("gw-zzz", 1, 1)),
+        )
+        .await;
         peer.publish("facwatch/v1/events/batch", good_b.clone())
             .await;
 
@@ -404,7 +427,9 @@ async fn bad_payloads_are_rejected_by_reason_while_good_batches_flow() {
             StatsSnapshot {
                 batches_applied: 3,
                 samples_applied: 2 + 3 + 4,
-                rejected_decode: 3,
+                rejected_too_large: 1,
+                rejected_bad_mac: 4,
+                rejected_decode: 2,
                 rejected_unknown_gateway: 2,
                 rejected_gateway_mismatch: 1,
                 broker_subscriptions: 1,
@@ -519,7 +544,8 @@ async fn run_keeps_retrying_an_unreachable_broker_and_stops_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
     let settings = Settings::new(
-        vec![site],
+        vec![site.clone()],
+        sealing::keys([&site]),
         dir.path().join("ingest.redb"),
         MqttSettings {
             host: "127.0.0.1".into(),

@@ -4,6 +4,7 @@
 //! Every wait is on a counter or a response, bounded by [`LIMIT`].
 
 mod api;
+mod sealing;
 
 use std::sync::Arc;
 
@@ -45,7 +46,8 @@ async fn the_api_serves_events_sites_health_and_metrics() {
         let dir = tempfile::tempdir().unwrap();
         let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
         let mut settings = Settings::new(
-            vec![site],
+            vec![site.clone()],
+            sealing::keys([&site]),
             dir.path().join("ingest.redb"),
             MqttSettings {
                 host: broker.addr.ip().to_string(),
@@ -54,9 +56,7 @@ async fn the_api_serves_events_sites_health_and_metrics() {
             },
         )
         .unwrap();
-        settings.http = Some(HttpSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        });
+        settings.http = Some(HttpSettings::open("127.0.0.1:0".parse().unwrap()));
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(facwatch_ingest::run(settings, stats.clone(), shutdown.clone()));
@@ -78,7 +78,7 @@ async fn the_api_serves_events_sites_health_and_metrics() {
         tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
         for b in [batch(1, 2, 0), batch(5, 1, 1234), batch(9, 1, 5)] {
             gateway
-                .publish(topics::batch("gw-b"), QoS::AtLeastOnce, false, b.encode())
+                .publish(topics::batch("gw-b"), QoS::AtLeastOnce, false, sealing::sealed(&b))
                 .await
                 .unwrap();
         }
@@ -196,7 +196,8 @@ async fn a_taken_http_address_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
     let mut settings = Settings::new(
-        vec![site],
+        vec![site.clone()],
+        sealing::keys([&site]),
         dir.path().join("ingest.redb"),
         MqttSettings {
             host: "127.0.0.1".into(),
@@ -205,7 +206,7 @@ async fn a_taken_http_address_is_a_clear_error() {
         },
     )
     .unwrap();
-    settings.http = Some(HttpSettings { listen: addr });
+    settings.http = Some(HttpSettings::open(addr));
     let result = timeout(
         LIMIT,
         facwatch_ingest::run(
@@ -233,7 +234,8 @@ async fn readyz_is_503_while_the_broker_is_unreachable() {
         let dir = tempfile::tempdir().unwrap();
         let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
         let mut settings = Settings::new(
-            vec![site],
+            vec![site.clone()],
+            sealing::keys([&site]),
             dir.path().join("ingest.redb"),
             MqttSettings {
                 host: "127.0.0.1".into(),
@@ -242,9 +244,7 @@ async fn readyz_is_503_while_the_broker_is_unreachable() {
             },
         )
         .unwrap();
-        settings.http = Some(HttpSettings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-        });
+        settings.http = Some(HttpSettings::open("127.0.0.1:0".parse().unwrap()));
         let stats = Arc::new(Stats::default());
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(facwatch_ingest::run(

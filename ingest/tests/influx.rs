@@ -6,6 +6,7 @@
 //! bounded by [`LIMIT`].
 
 mod api;
+mod sealing;
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -20,7 +21,7 @@ use facwatch_ingest::broker::{start_embedded, EmbeddedBroker, MAX_PACKET_BYTES};
 use facwatch_ingest::{InfluxSettings, MqttSettings, Settings, Stats, Store};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
-use facwatch_proto::wire::{Ack, Batch, Quality, Sample, Values};
+use facwatch_proto::wire::{Batch, Quality, Sample, Values};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -157,7 +158,8 @@ struct Running {
 fn start(broker: &EmbeddedBroker, store: &std::path::Path, influx: InfluxSettings) -> Running {
     let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
     let mut settings = Settings::new(
-        vec![site],
+        vec![site.clone()],
+        sealing::keys([&site]),
         store,
         MqttSettings {
             host: broker.addr.ip().to_string(),
@@ -190,7 +192,9 @@ async fn gateway(broker: &EmbeddedBroker) -> (AsyncClient, mpsc::UnboundedReceiv
     tokio::spawn(async move {
         while let Ok(event) = eventloop.poll().await {
             if let Event::Incoming(Incoming::Publish(p)) = event {
-                if let Ok(ack) = Ack::decode(&p.payload) {
+                if let Some(ack) =
+                    sealing::open_ack(sealing::gateway_of_ack_topic(&p.topic), &p.payload)
+                {
                     let _ = tx.send(ack.seq);
                 }
             }
@@ -209,7 +213,7 @@ async fn publish(client: &AsyncClient, batch: &Batch) {
             topics::batch("gw-b"),
             QoS::AtLeastOnce,
             false,
-            batch.encode(),
+            sealing::sealed(&batch),
         )
         .await
         .unwrap();

@@ -4,6 +4,7 @@
 //! `cargo test -p facwatch-ingest --test mosquitto -- --ignored`.
 
 mod common;
+mod sealing;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use facwatch_ingest::broker::MAX_PACKET_BYTES;
 use facwatch_ingest::{Credentials, MqttSettings, Settings, Stats, Store};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
-use facwatch_proto::wire::{Ack, Batch, Quality, Sample, Values};
+use facwatch_proto::wire::{Batch, Quality, Sample, Values};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,7 +29,8 @@ const SITE: &str = include_str!("../../deploy/stenter-plant.site.toml");
 fn settings(broker: &Mosquitto, store: &std::path::Path, password: &str) -> Settings {
     let site = Site::from_toml(SITE, "stenter-plant.site.toml").unwrap();
     let mut settings = Settings::new(
-        vec![site],
+        vec![site.clone()],
+        sealing::keys([&site]),
         store,
         MqttSettings {
             host: "127.0.0.1".into(),
@@ -139,7 +141,7 @@ impl Gateway {
                 topics::batch(GATEWAY),
                 QoS::AtLeastOnce,
                 false,
-                batch.encode(),
+                sealing::sealed(&batch),
             )
             .await
             .unwrap();
@@ -151,7 +153,9 @@ impl Gateway {
             .await
             .expect("an ack within the limit")
             .expect("connection alive");
-        let ack = Ack::decode(&message.payload).expect("an ack payload");
+        let gateway = sealing::gateway_of_ack_topic(&message.topic);
+        let ack = sealing::open_ack(gateway, &message.payload)
+            .expect("an ack sealed with its gateway's key");
         (message.topic, ack.seq, message.retain)
     }
 

@@ -4,6 +4,7 @@
 //! and clear connectivity alerts that survive a restart. Every wait is on a
 //! message or a counter, bounded by [`LIMIT`].
 
+mod sealing;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -192,7 +193,8 @@ impl World {
     fn settings(&self) -> Settings {
         let site = Site::from_toml(SITE, "plant.site.toml").unwrap();
         let mut settings = Settings::new(
-            vec![site],
+            vec![site.clone()],
+            sealing::keys([&site]),
             self.dir.path().join("ingest.redb"),
             MqttSettings {
                 host: "127.0.0.1".into(),
@@ -488,7 +490,7 @@ impl Peer {
     }
 
     async fn send_batch(&self, batch: &Batch) {
-        self.publish(&topics::batch(&batch.gateway), batch.encode())
+        self.publish(&topics::batch(&batch.gateway), sealing::sealed(&batch))
             .await;
     }
 

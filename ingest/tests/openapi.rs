@@ -14,6 +14,7 @@
 //! cannot promise something nothing checks.
 
 mod api;
+mod sealing;
 
 use std::collections::BTreeSet;
 

@@ -14,6 +14,7 @@
 //! batches of 1,000 samples), Mosquitto 1,000 queued messages.
 
 mod common;
+mod sealing;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use facwatch_ingest::broker::{start_embedded, MAX_PACKET_BYTES};
 use facwatch_ingest::{Credentials, MqttSettings, Settings, Stats, Store};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
-use facwatch_proto::wire::{Ack, Batch, Quality, Sample, Values};
+use facwatch_proto::wire::{Batch, Quality, Sample, Values};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -114,7 +115,8 @@ async fn drain_throughput_through_a_broker() {
     let dir = tempfile::tempdir().unwrap();
     let site = Site::from_toml(SITE, "stenter-plant.site.toml").unwrap();
     let mut settings = Settings::new(
-        vec![site],
+        vec![site.clone()],
+        sealing::keys([&site]),
         dir.path().join("ingest.redb"),
         MqttSettings {
             host: "127.0.0.1".into(),
@@ -143,7 +145,7 @@ async fn drain_throughput_through_a_broker() {
 
     let polls = env("BENCH_POLLS", 100);
     let payloads: Vec<Vec<u8>> = (1..=batches)
-        .map(|s| plant_batch(s, polls).encode())
+        .map(|s| sealing::sealed(&plant_batch(s, polls)))
         .collect();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
 
@@ -170,7 +172,9 @@ async fn drain_throughput_through_a_broker() {
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(p))) => {
-                    if let Ok(ack) = Ack::decode(&p.payload) {
+                    if let Some(ack) =
+                        sealing::open_ack(sealing::gateway_of_ack_topic(&p.topic), &p.payload)
+                    {
                         acked_tx.send_if_modified(|a| {
                             let newer = ack.seq > *a;
                             *a = (*a).max(ack.seq);

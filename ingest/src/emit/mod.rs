@@ -36,10 +36,11 @@ pub(crate) mod influx;
 pub(crate) mod notice;
 pub(crate) mod webhook;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use facwatch_proto::seal::{self, GatewayKey, Purpose};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_proto::wire::Ack;
@@ -59,6 +60,8 @@ pub(crate) struct Publisher {
     client: AsyncClient,
     stats: Arc<Stats>,
     late: Arc<LateAcks>,
+    /// Acks are sealed with their gateway's key.
+    keys: Arc<HashMap<String, GatewayKey>>,
 }
 
 /// Acks that found the request queue full: the newest seq per gateway.
@@ -69,12 +72,24 @@ pub(crate) struct LateAcks {
 }
 
 impl Publisher {
-    pub(crate) fn new(client: AsyncClient, stats: Arc<Stats>) -> Publisher {
+    pub(crate) fn new(
+        client: AsyncClient,
+        stats: Arc<Stats>,
+        keys: Arc<HashMap<String, GatewayKey>>,
+    ) -> Publisher {
         Publisher {
             client,
             stats,
             late: Arc::default(),
+            keys,
         }
+    }
+
+    /// `Ack { seq }` sealed with `gateway`'s key; `None` for a gateway
+    /// without one (never acked: it cannot have sent an accepted batch).
+    fn sealed_ack(&self, gateway: &str, seq: u64) -> Option<Vec<u8>> {
+        let key = self.keys.get(gateway)?;
+        Some(seal::seal(key, Purpose::Ack, &Ack { seq }.encode()))
     }
 
     /// Queues the retained `Ack { seq }` of `gateway`, now if the request
@@ -86,12 +101,12 @@ impl Publisher {
             *waiting = (*waiting).max(seq);
             return;
         }
-        let queued = self.client.try_publish(
-            topics::ack(gateway),
-            QoS::AtLeastOnce,
-            true,
-            Ack { seq }.encode(),
-        );
+        let Some(payload) = self.sealed_ack(gateway, seq) else {
+            return;
+        };
+        let queued = self
+            .client
+            .try_publish(topics::ack(gateway), QoS::AtLeastOnce, true, payload);
         match queued {
             Ok(()) => self.stats.add(|s| &s.acks_published, 1),
             Err(_) => {
@@ -135,12 +150,15 @@ impl Publisher {
                     pending.iter().next().map(|(g, s)| (g.clone(), *s))
                 };
                 let Some((gateway, seq)) = next else { break };
-                let publish = self.client.publish(
-                    topics::ack(&gateway),
-                    QoS::AtLeastOnce,
-                    true,
-                    Ack { seq }.encode(),
-                );
+                let Some(payload) = self.sealed_ack(&gateway, seq) else {
+                    // Not queued by `ack` (no key): nothing to send.
+                    let mut pending = self.late.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    pending.remove(&gateway);
+                    continue;
+                };
+                let publish =
+                    self.client
+                        .publish(topics::ack(&gateway), QoS::AtLeastOnce, true, payload);
                 let queued = if stopping {
                     matches!(tokio::time::timeout(last_wait, publish).await, Ok(Ok(())))
                 } else {
@@ -263,6 +281,10 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_secs(20);
 
+    fn test_key(gateway: &str) -> GatewayKey {
+        GatewayKey::from_bytes([gateway.len() as u8 + gateway.as_bytes()[3]; 32])
+    }
+
     /// Regression: the apply task waited up to 5 s for room in rumqttc's
     /// request queue for every ack while Mosquitto held PUBACKs back during
     /// a persistent session's backlog (80,000 batches took 62 s). Acks
@@ -292,7 +314,9 @@ mod tests {
                             }
                         }
                         Event::Incoming(Incoming::Publish(p)) => {
-                            let seq = Ack::decode(&p.payload).unwrap().seq;
+                            let key = test_key(p.topic.split('/').nth(2).unwrap());
+                            let ack = seal::open(&key, Purpose::Ack, &p.payload).unwrap();
+                            let seq = Ack::decode(ack).unwrap().seq;
                             let _ = seen_tx.send((p.topic.clone(), seq));
                         }
                         _ => {}
@@ -306,7 +330,8 @@ mod tests {
             let (client, mut eventloop) =
                 AsyncClient::new(MqttOptions::new("ingest-under-test", "127.0.0.1", port), 2);
             let stats = Arc::new(Stats::default());
-            let publisher = Publisher::new(client, stats.clone());
+            let keys = ["gw-a", "gw-b"].map(|gw| (gw.to_string(), test_key(gw)));
+            let publisher = Publisher::new(client, stats.clone(), Arc::new(keys.into()));
             for (gateway, seq) in [
                 ("gw-a", 1),
                 ("gw-a", 2),

@@ -308,19 +308,26 @@ mod tests {
 
     struct Running {
         shutdown: CancellationToken,
+        /// What the apply task notifies after a commit that queued notices.
+        changed: Arc<Notify>,
         task: tokio::task::JoinHandle<()>,
     }
 
     fn start(url: &reqwest::Url, store: &Arc<Store>, stats: &Arc<Stats>) -> Running {
         let shutdown = CancellationToken::new();
+        let changed = Arc::new(Notify::new());
         let task = tokio::spawn(run(
             Sender::new(settings(url.clone())).unwrap(),
             store.clone(),
             stats.clone(),
-            Arc::new(Notify::new()),
+            changed.clone(),
             shutdown.clone(),
         ));
-        Running { shutdown, task }
+        Running {
+            shutdown,
+            changed,
+            task,
+        }
     }
 
     impl Running {
@@ -432,9 +439,11 @@ mod tests {
         let store = Arc::new(Store::open(&dir.path().join("ingest.redb")).unwrap());
         store.enqueue(&notice(1), &limits()).unwrap();
         let sender = start(&url, &store, &stats);
-        // Queued while the sender runs: found without a notification
-        // because the sender is still busy with the first.
+        // Queued while the sender runs, and notified as the apply task
+        // does (without the notification the test would race the sender:
+        // done with the first before the second is queued, it waits).
         store.enqueue(&notice(2), &limits()).unwrap();
+        sender.changed.notify_one();
         let first = next(&mut seen).await;
         let second = next(&mut seen).await;
         timeout(LIMIT, stats.wait_until(|s| s.webhook_sent == 1))

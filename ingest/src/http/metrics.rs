@@ -81,6 +81,8 @@ pub(crate) fn render(
             "batches_rejected",
             "Batches rejected, by reason.",
             vec![
+                (r#"reason="too_large""#.to_string(), s.rejected_too_large),
+                (r#"reason="bad_mac""#.to_string(), s.rejected_bad_mac),
                 (r#"reason="decode""#.to_string(), s.rejected_decode),
                 (
                     r#"reason="unknown_gateway""#.to_string(),
@@ -116,6 +118,21 @@ pub(crate) fn render(
             "acks_published",
             "Acks queued for the broker.",
             one(s.acks_published),
+        ),
+        (
+            "mqtt_logins_refused",
+            "CONNECTs the embedded broker refused (unknown user, wrong or no password).",
+            one(s.logins_refused),
+        ),
+        (
+            "mqtt_tls_handshakes_failed",
+            "TLS connections to the embedded broker that failed their handshake or found it full.",
+            one(s.tls_handshakes_failed),
+        ),
+        (
+            "http_unauthorized",
+            "HTTP API requests refused for a missing or wrong bearer token.",
+            one(s.api_unauthorized),
         ),
         (
             "publishes_dropped",
@@ -335,6 +352,8 @@ mod tests {
                 "facwatch_ingest_batches_duplicate_total 0",
                 "facwatch_ingest_sequence_gaps_total 0",
                 "facwatch_ingest_batches_out_of_order_total 0",
+                "facwatch_ingest_batches_rejected_total{reason=\"too_large\"} 0",
+                "facwatch_ingest_batches_rejected_total{reason=\"bad_mac\"} 0",
                 "facwatch_ingest_batches_rejected_total{reason=\"decode\"} 1",
                 "facwatch_ingest_batches_rejected_total{reason=\"unknown_gateway\"} 0",
                 "facwatch_ingest_batches_rejected_total{reason=\"gateway_mismatch\"} 2",
@@ -356,6 +375,9 @@ mod tests {
                 "facwatch_ingest_data_interruptions_total 0",
                 "facwatch_ingest_groups_committed_total 0",
                 "facwatch_ingest_acks_published_total 0",
+                "facwatch_ingest_mqtt_logins_refused_total 0",
+                "facwatch_ingest_mqtt_tls_handshakes_failed_total 0",
+                "facwatch_ingest_http_unauthorized_total 0",
                 "facwatch_ingest_publishes_dropped_total 0",
                 "facwatch_ingest_broker_subscriptions_total 0",
                 "facwatch_ingest_broker_connection_failures_total 0",
@@ -392,8 +414,8 @@ mod tests {
              facwatch_ingest_webhook_outbox_depth{webhook=\"platform\"} 0\n"
         ));
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
-        assert_eq!(types.len(), 32);
-        assert_eq!(types.iter().filter(|l| l.ends_with(" counter")).count(), 29);
+        assert_eq!(types.len(), 35);
+        assert_eq!(types.iter().filter(|l| l.ends_with(" counter")).count(), 32);
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //! `{"error": ..., "parameter": ...}`, `parameter` naming the query or path
 //! parameter that was wrong; an unknown path is a JSON 404.
 //!
+//! With a bearer token configured (`[http] token_file`), every request but
+//! `/healthz` and `/readyz` (probes carry no secrets) must carry
+//! `Authorization: Bearer <token>`, compared in constant time; any other is
+//! answered 401 with `WWW-Authenticate: Bearer`, counted, and never logged
+//! with what it sent.
+//!
 //! Invariants: the listener is bound before `run` connects to the broker,
 //! and the server has stopped (and dropped its handle on the store) before
 //! `run` returns. Handlers only read: store reads run on the blocking pool.
@@ -57,6 +63,8 @@ pub(crate) struct Api {
     pub(crate) webhooks: Arc<Vec<String>>,
     /// Whether InfluxDB is written (its outbox depth is a metric).
     pub(crate) influx: bool,
+    /// The bearer token requests must carry, if any.
+    token: Option<Arc<str>>,
 }
 
 impl Api {
@@ -67,6 +75,11 @@ impl Api {
             sites: Arc::new(settings.sites.iter().cloned().map(Arc::new).collect()),
             webhooks: Arc::new(settings.webhooks.iter().map(|w| w.name.clone()).collect()),
             influx: settings.influxdb.is_some(),
+            token: settings
+                .http
+                .as_ref()
+                .and_then(|h| h.token.as_deref())
+                .map(Arc::from),
         }
     }
 }
@@ -135,6 +148,10 @@ fn router(api: Api) -> Router {
         .into_iter()
         .fold(Router::new(), |router, r| router.route(r.path, r.handler))
         .fallback(no_route)
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            require_token,
+        ))
         .with_state(api)
         .layer(
             // Outermost first: the body limit answers 413 itself, the
@@ -147,6 +164,43 @@ fn router(api: Api) -> Router {
                 ))
                 .layer(ConcurrencyLimitLayer::new(MAX_CONCURRENT_REQUESTS)),
         )
+}
+
+/// Paths served without a token: liveness and readiness probes.
+const OPEN_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
+async fn require_token(
+    State(api): State<Api>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &api.token else {
+        return next.run(request).await;
+    };
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if presented
+        .is_some_and(|p| crate::broker::auth::constant_time_eq(p.as_bytes(), token.as_bytes()))
+    {
+        return next.run(request).await;
+    }
+    api.stats.add(|s| &s.api_unauthorized, 1);
+    let mut response = error(
+        StatusCode::UNAUTHORIZED,
+        None,
+        "a valid `Authorization: Bearer <token>` header is required",
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    response
 }
 
 async fn healthz() -> &'static str {

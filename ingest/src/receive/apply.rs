@@ -62,6 +62,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use facwatch_proto::clock::Clock;
+use facwatch_proto::seal::{self, GatewayKey, Purpose, MAX_SEALED_BATCH_BYTES};
 use facwatch_proto::site::Site;
 use facwatch_proto::topics;
 use facwatch_proto::wire::Batch;
@@ -209,10 +210,6 @@ impl Applier {
     pub(crate) fn with_influx(mut self, rendering: Rendering) -> Applier {
         self.influx = Some(rendering);
         self
-    }
-
-    pub(crate) fn knows(&self, gateway: &str) -> bool {
-        self.gateways.contains_key(gateway)
     }
 
     fn site_id(&self, gateway: &str) -> Option<&str> {
@@ -436,6 +433,8 @@ pub(crate) struct ApplyTask {
     publisher: Publisher,
     stats: Arc<Stats>,
     rejects: RejectLog,
+    /// Every known gateway's key: a batch is opened with its topic's.
+    keys: Arc<HashMap<String, GatewayKey>>,
     clock: Clock,
     notices: NoticeSettings,
     /// Notified after every commit that queued webhook notices.
@@ -471,6 +470,7 @@ impl ApplyTask {
     pub(crate) fn new(
         applier: Applier,
         publisher: Publisher,
+        keys: Arc<HashMap<String, GatewayKey>>,
         stats: Arc<Stats>,
         clock: Clock,
         notices: NoticeSettings,
@@ -502,6 +502,7 @@ impl ApplyTask {
             publisher,
             stats,
             rejects: RejectLog::default(),
+            keys,
             clock,
             notices,
             outbox_changed,
@@ -638,18 +639,37 @@ impl ApplyTask {
         }
     }
 
-    /// The batch of a valid publish; rejects any other.
+    /// The batch of a valid publish; rejects any other. In this order,
+    /// cheapest first and nothing read that is not vouched for: the size,
+    /// the topic's gateway (it must have a key), the tag under that key,
+    /// and only then the decoding and the payload's gateway id.
     fn validate(&mut self, publish: Publish) -> Option<Received> {
-        let gateway = match topics::gateway_of_batch_topic(&publish.topic) {
-            Some(gw) if self.applier.knows(gw) => gw,
-            other => {
-                let name = other.unwrap_or(&publish.topic);
+        let gateway = topics::gateway_of_batch_topic(&publish.topic);
+        let name = gateway.unwrap_or(&publish.topic);
+        if publish.payload.len() > MAX_SEALED_BATCH_BYTES {
+            let detail = format!(
+                "payload of {} bytes exceeds the limit of {MAX_SEALED_BATCH_BYTES}",
+                publish.payload.len()
+            );
+            self.reject(name, RejectReason::TooLarge, &detail);
+            return None;
+        }
+        let (gateway, key) = match gateway.and_then(|gw| Some((gw, self.keys.get(gw)?))) {
+            Some(known) => known,
+            None => {
                 let detail = format!("no loaded site has gateway `{}`", short_name(name));
                 self.reject(name, RejectReason::UnknownGateway, &detail);
                 return None;
             }
         };
-        let batch = match Batch::decode(&publish.payload) {
+        let message = match seal::open(key, Purpose::Batch, &publish.payload) {
+            Ok(message) => message,
+            Err(e) => {
+                self.reject(gateway, RejectReason::BadMac, &e.to_string());
+                return None;
+            }
+        };
+        let batch = match Batch::decode(message) {
             Ok(batch) => batch,
             Err(e) => {
                 self.reject(gateway, RejectReason::Decode, &e.to_string());
@@ -664,9 +684,10 @@ impl ApplyTask {
             self.reject(gateway, RejectReason::GatewayMismatch, &detail);
             return None;
         }
+        let unsealed = publish.payload.slice(..message.len());
         Some(Received {
             batch,
-            payload: Some(publish.payload),
+            payload: Some(unsealed),
         })
     }
 
@@ -993,6 +1014,8 @@ impl ApplyTask {
     fn reject(&mut self, gateway: &str, reason: RejectReason, detail: &str) {
         self.stats.add(
             |s| match reason {
+                RejectReason::TooLarge => &s.rejected_too_large,
+                RejectReason::BadMac => &s.rejected_bad_mac,
                 RejectReason::Decode => &s.rejected_decode,
                 RejectReason::UnknownGateway => &s.rejected_unknown_gateway,
                 RejectReason::GatewayMismatch => &s.rejected_gateway_mismatch,

@@ -18,6 +18,8 @@ const MAX_NAME_CHARS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum RejectReason {
+    TooLarge,
+    BadMac,
     Decode,
     UnknownGateway,
     GatewayMismatch,
@@ -26,6 +28,8 @@ pub(crate) enum RejectReason {
 impl RejectReason {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
+            RejectReason::TooLarge => "too_large",
+            RejectReason::BadMac => "bad_mac",
             RejectReason::Decode => "decode",
             RejectReason::UnknownGateway => "unknown_gateway",
             RejectReason::GatewayMismatch => "gateway_mismatch",

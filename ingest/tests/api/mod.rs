@@ -20,6 +20,7 @@
 // Each test crate that includes this module uses part of it.
 #![allow(dead_code)]
 
+use super::sealing;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -272,7 +273,7 @@ impl FedIngest {
                     topics::batch(&b.gateway),
                     QoS::AtLeastOnce,
                     false,
-                    b.encode(),
+                    sealing::sealed(&b),
                 )
                 .await
                 .unwrap();
@@ -360,7 +361,8 @@ async fn run(
 ) {
     let site = Site::from_toml(PLANT, "plant.site.toml").unwrap();
     let mut settings = Settings::new(
-        vec![site],
+        vec![site.clone()],
+        sealing::keys([&site]),
         dir.path().join("ingest.redb"),
         MqttSettings {
             host: broker.addr.ip().to_string(),
@@ -369,9 +371,7 @@ async fn run(
         },
     )
     .unwrap();
-    settings.http = Some(HttpSettings {
-        listen: "127.0.0.1:0".parse().unwrap(),
-    });
+    settings.http = Some(HttpSettings::open("127.0.0.1:0".parse().unwrap()));
     // Just after the last sample: the events are live, not historical.
     settings.clock = Clock::starting_now(T0_MS + (POLLS + SILENT_POLLS) * POLL_MS, 1.0);
     settings.notices.silent_after = Duration::from_secs(3600);
