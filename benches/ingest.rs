@@ -37,6 +37,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use facwatch_proto::seal::{GatewayKey, Purpose};
 use facwatch_proto::topics;
 use facwatch_proto::wire::{Batch, Quality, Sample};
 use facwatch_sim::plant::Plant as PlantModel;
@@ -84,8 +85,10 @@ fn options() -> Options {
     options
 }
 
-/// The stream: encoded batches, seq 1, 2, ...
-fn stream(samples: u64, batch_samples: usize) -> Vec<Vec<u8>> {
+/// The stream: batches sealed with `key` as the gateway sends them, seq
+/// 1, 2, ...
+fn stream(samples: u64, batch_samples: usize, key: &GatewayKey) -> Vec<Vec<u8>> {
+    let seal = |batch: &Batch| facwatch_proto::seal::seal(key, Purpose::Batch, &batch.encode());
     let scenario = facwatch::builtin_scenario().expect("the built-in scenario");
     let model = PlantModel::new(&scenario);
     let meters: Vec<String> = scenario.site.meters.iter().map(|m| m.id.clone()).collect();
@@ -111,7 +114,7 @@ fn stream(samples: u64, batch_samples: usize) -> Vec<Vec<u8>> {
             });
             written += 1;
             if batch.samples.len() == batch_samples {
-                batches.push(batch.encode());
+                batches.push(seal(&batch));
                 batch.seq += 1;
                 batch.samples.clear();
             }
@@ -119,7 +122,7 @@ fn stream(samples: u64, batch_samples: usize) -> Vec<Vec<u8>> {
         time += POLL_MS;
     }
     if !batch.samples.is_empty() {
-        batches.push(batch.encode());
+        batches.push(seal(&batch));
     }
     batches
 }
@@ -290,7 +293,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 fn main() {
     let options = options();
     let plant = Plant::new();
-    let batches = stream(options.samples, options.batch_samples);
+    let batches = stream(options.samples, options.batch_samples, &plant.key());
     let bytes: usize = batches.iter().map(Vec::len).sum();
     println!(
         "stream: {} samples in {} batches of {} samples, {bytes} bytes",

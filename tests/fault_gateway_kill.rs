@@ -41,7 +41,7 @@ const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Subscribes to the gateway's batch topic and sends every batch seen
 /// (resends included) to the returned channel.
-fn watch_batches(port: u16) -> mpsc::Receiver<Batch> {
+fn watch_batches(port: u16, key: facwatch_proto::seal::GatewayKey) -> mpsc::Receiver<Batch> {
     let mut options = MqttOptions::new("fault-test-watcher", "127.0.0.1", port);
     options.set_max_packet_size(1 << 20, 1 << 20);
     let (client, mut connection) = Client::new(options, 64);
@@ -58,7 +58,8 @@ fn watch_batches(port: u16) -> mpsc::Receiver<Batch> {
                     let _ = subscribed_tx.send(());
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let batch = Batch::decode(&publish.payload).expect("a gateway batch");
+                    let batch =
+                        Batch::decode(open_batch(&key, &publish.payload)).expect("a gateway batch");
                     if batches_tx.send(batch).is_err() {
                         return;
                     }
@@ -83,7 +84,7 @@ fn killing_the_gateway_ten_times_loses_only_uncommitted_samples_and_duplicates_n
     let broker = Broker::Embedded { port };
     let store = plant.path("ingest.redb");
     let mut ingest = start_ingest(&plant.ingest_config("gwkill", &store, &broker), &broker);
-    let watched = watch_batches(port);
+    let watched = watch_batches(port, plant.key());
 
     // The virtual day reads 12:59 now: polling starts at 13:00 and ends
     // at 17:00 (24 s of wall time).
@@ -200,4 +201,10 @@ fn killing_the_gateway_ten_times_loses_only_uncommitted_samples_and_duplicates_n
          (bound {bound}: {polls_per_commit} polls per {COMMIT_INTERVAL:?} commit interval at {TIME_SCALE}x)"
     );
     assert!(lost <= bound, "{lost} samples lost, more than {bound}");
+}
+
+/// The batch inside a payload the gateway sealed with `key`.
+fn open_batch<'a>(key: &facwatch_proto::seal::GatewayKey, payload: &'a [u8]) -> &'a [u8] {
+    use facwatch_proto::seal::{open, Purpose};
+    open(key, Purpose::Batch, payload).expect("the gateway's batches are sealed with its key")
 }

@@ -160,7 +160,10 @@ fn wait_until_virtual(anchor: i64, h: i64, m: i64) {
 /// Subscribes to the gateway's batch topic on the embedded broker before
 /// the gateway starts, and collects every batch it publishes (resends
 /// included) until the returned receiver is drained.
-fn capture_batches(port: u16) -> std::sync::mpsc::Receiver<Batch> {
+fn capture_batches(
+    port: u16,
+    key: facwatch_proto::seal::GatewayKey,
+) -> std::sync::mpsc::Receiver<Batch> {
     use rumqttc::{Client, Event, Incoming, MqttOptions, QoS};
     let mut options = MqttOptions::new("batch-capture", "127.0.0.1", port);
     options.set_max_packet_size(4 << 20, 4 << 20);
@@ -178,8 +181,8 @@ fn capture_batches(port: u16) -> std::sync::mpsc::Receiver<Batch> {
                     let _ = subscribed_tx.send(());
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                    let batch =
-                        Batch::decode(&publish.payload).expect("the gateway's batches decode");
+                    let batch = Batch::decode(open_batch(&key, &publish.payload))
+                        .expect("the gateway's batches decode");
                     if tx.send(batch).is_err() {
                         return;
                     }
@@ -224,7 +227,7 @@ fn a_day_of_readings_and_events_reaches_victoriametrics_exactly_once_across_its_
     );
     let config = plant.ingest_config_with("vm", &store, &broker, &extra);
     let mut ingest = start_ingest(&config, &broker);
-    let captured = capture_batches(broker_port);
+    let captured = capture_batches(broker_port, plant.key());
 
     let anchor = wall_now_ms();
     let _sim = plant.simulator(anchor, TIME_SCALE);
@@ -407,4 +410,10 @@ fn a_day_of_readings_and_events_reaches_victoriametrics_exactly_once_across_its_
         events.len(),
         errors
     );
+}
+
+/// The batch inside a payload the gateway sealed with `key`.
+fn open_batch<'a>(key: &facwatch_proto::seal::GatewayKey, payload: &'a [u8]) -> &'a [u8] {
+    use facwatch_proto::seal::{open, Purpose};
+    open(key, Purpose::Batch, payload).expect("the gateway's batches are sealed with its key")
 }

@@ -78,6 +78,9 @@ pub(crate) struct Plant {
     pub(crate) sites: PathBuf,
     pub(crate) site_file: PathBuf,
     pub(crate) scenario: PathBuf,
+    /// The ingest's `keys_dir`, with the gateway's key, made by
+    /// `facwatch-ingest gateway-key` as an installer would.
+    pub(crate) keys: PathBuf,
 }
 
 impl Plant {
@@ -99,12 +102,28 @@ impl Plant {
         let scenario = sites.join("stenter-plant.scenario.toml");
         std::fs::copy(deploy.join("stenter-plant.scenario.toml"), &scenario)
             .expect("copying the scenario");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("keys dir");
+        let made = Command::new(workspace_binary("facwatch-ingest"))
+            .arg("gateway-key")
+            .arg("--out")
+            .arg(keys.join(format!("{GATEWAY}.key")))
+            .output()
+            .expect("running facwatch-ingest gateway-key");
+        assert!(made.status.success(), "gateway-key: {made:?}");
         Plant {
             dir,
             sites,
             site_file,
             scenario,
+            keys,
         }
+    }
+
+    /// The gateway's key, as both ends read it.
+    pub(crate) fn key(&self) -> facwatch_proto::seal::GatewayKey {
+        facwatch_proto::secret::read_gateway_key(&self.keys.join(format!("{GATEWAY}.key")))
+            .expect("the gateway key")
     }
 
     pub(crate) fn path(&self, name: &str) -> PathBuf {
@@ -136,8 +155,9 @@ impl Plant {
     /// Writes a gateway config and returns its path.
     pub(crate) fn gateway_config(&self, name: &str, config: &GatewayConfig) -> PathBuf {
         let mut text = format!(
-            "site_file = {site:?}\ngateway_id = {GATEWAY:?}\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"facwatch-gw-{name}\"\nkeep_alive_secs = 5\n",
+            "site_file = {site:?}\ngateway_id = {GATEWAY:?}\ngateway_key_file = {key:?}\n\n[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"facwatch-gw-{name}\"\nkeep_alive_secs = 5\n",
             site = self.site_file,
+            key = self.keys.join(format!("{GATEWAY}.key")),
             port = config.mqtt_port,
         );
         if let Some((user, password)) = &config.credentials {
@@ -176,8 +196,8 @@ impl Plant {
         extra: &str,
     ) -> PathBuf {
         let mut text = format!(
-            "sites_dir = {:?}\nstore_path = {store:?}\n\n[broker]\n",
-            self.sites
+            "sites_dir = {:?}\nkeys_dir = {:?}\nstore_path = {store:?}\n\n[broker]\n",
+            self.sites, self.keys
         );
         match broker {
             Broker::Embedded { port } => {
