@@ -64,8 +64,12 @@ pub enum Progress {
     Closed(serde_json::Value),
     /// The ingest was stopped or started again (outage option).
     Ingest { running: bool, now_ms: i64 },
-    /// The broker is up (sent first): how a platform client reaches it.
-    Broker(BrokerAccess),
+    /// The broker is up (sent first): how a platform client reaches it,
+    /// and the ingest's counters, live.
+    Broker {
+        access: BrokerAccess,
+        ingest_stats: Arc<facwatch_ingest::Stats>,
+    },
 }
 
 /// How an outside MQTT client (the platform) reaches the run's broker.
@@ -195,7 +199,10 @@ pub async fn run(
         tls: tls.clone(),
         login: platform_login,
     };
-    let _ = progress.send(Progress::Broker(access.clone()));
+    let _ = progress.send(Progress::Broker {
+        access: access.clone(),
+        ingest_stats: ingest_stats.clone(),
+    });
 
     // The platform's view: closed events as published on MQTT.
     let stop_watch = CancellationToken::new();

@@ -68,7 +68,7 @@ impl ProgressView {
                     }
                 }
             }
-            Progress::Broker(access) => {
+            Progress::Broker { access, .. } => {
                 self.clear_line(&mut err);
                 let _ = writeln!(
                     err,

@@ -63,8 +63,9 @@ pub struct Stats {
     /// Acks queued for the broker: one per gateway per group, and one per
     /// gateway on every connection.
     pub acks_published: AtomicU64,
-    /// CONNECTs the embedded broker refused (unknown user, wrong or no
-    /// password).
+    /// CONNECTs with a login the embedded broker refused (unknown user or
+    /// wrong password; one without a login is refused by rumqttd itself,
+    /// uncounted).
     pub logins_refused: AtomicU64,
     /// TLS connections to the embedded broker that failed their handshake
     /// (untrusted or no certificate, timeout, not TLS) or found it full.

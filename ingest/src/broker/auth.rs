@@ -8,7 +8,8 @@
 //!   (compared in constant time). No login, no entry.
 //! - Verifying runs on tokio's blocking pool (argon2 takes tens of
 //!   milliseconds by design), never on the broker's network threads.
-//! - Refusals are counted ([`Stats::logins_refused`]); at most one line per
+//! - Refusals of a CONNECT with a login are counted (rumqttd refuses one
+//!   without a login before asking) ([`Stats::logins_refused`]); at most one line per
 //!   [`LOG_WINDOW`] is logged, with the username (cut to 64 characters) and
 //!   how many were refused since the last line. A password never appears
 //!   in a log line, an error or `Debug` output.

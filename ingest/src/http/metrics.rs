@@ -121,7 +121,7 @@ pub(crate) fn render(
         ),
         (
             "mqtt_logins_refused",
-            "CONNECTs the embedded broker refused (unknown user, wrong or no password).",
+            "CONNECTs with a login the embedded broker refused (unknown user or wrong password).",
             one(s.logins_refused),
         ),
         (
