@@ -213,7 +213,7 @@ async fn publish(client: &AsyncClient, batch: &Batch) {
             topics::batch("gw-b"),
             QoS::AtLeastOnce,
             false,
-            sealing::sealed(&batch),
+            sealing::sealed(batch),
         )
         .await
         .unwrap();

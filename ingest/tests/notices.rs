@@ -490,7 +490,7 @@ impl Peer {
     }
 
     async fn send_batch(&self, batch: &Batch) {
-        self.publish(&topics::batch(&batch.gateway), sealing::sealed(&batch))
+        self.publish(&topics::batch(&batch.gateway), sealing::sealed(batch))
             .await;
     }
 
