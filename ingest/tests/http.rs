@@ -501,3 +501,94 @@ async fn metrics_count_event_changes_by_rule_and_show_outbox_depth() {
     .await
     .expect("test finished in time");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_bearer_token_only_the_probes_are_open() {
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef-the-token";
+    timeout(LIMIT, async {
+        let dir = tempfile::tempdir().unwrap();
+        let site = Site::from_toml(api::ONE_GATEWAY_SITE, "plant.site.toml").unwrap();
+        let mut settings = Settings::new(
+            vec![site.clone()],
+            sealing::keys([&site]),
+            dir.path().join("ingest.redb"),
+            // No broker: the API is served from before the connection.
+            MqttSettings {
+                host: "127.0.0.1".into(),
+                port: 1,
+                client_id: "facwatch-ingest".into(),
+            },
+        )
+        .unwrap();
+        settings.http = Some(HttpSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            token: Some(TOKEN.into()),
+        });
+        let stats = Arc::new(Stats::default());
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(facwatch_ingest::run(
+            settings,
+            stats.clone(),
+            shutdown.clone(),
+        ));
+        let addr = loop {
+            if let Some(addr) = stats.http_addr() {
+                break addr;
+            }
+            tokio::task::yield_now().await;
+        };
+        let client = reqwest::Client::new();
+        let get = |path: &str, authorization: Option<String>| {
+            let mut request = client.get(format!("http://{addr}{path}"));
+            if let Some(value) = authorization {
+                request = request.header("Authorization", value);
+            }
+            async move {
+                let response = request.send().await.unwrap();
+                let status = response.status().as_u16();
+                let challenge = response
+                    .headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (status, challenge, response.text().await.unwrap())
+            }
+        };
+
+        assert_eq!(get("/healthz", None).await.0, 200);
+        // Not ready (no broker), but not refused either.
+        assert_eq!(get("/readyz", None).await.0, 503);
+        let refused = [
+            ("/api/v1/sites", None),
+            ("/metrics", None),
+            ("/api/v1/events", Some(format!("Bearer {TOKEN}x"))),
+            ("/api/v1/sites", Some("Bearer wrong".to_string())),
+            ("/api/v1/sites", Some(format!("Token {TOKEN}"))),
+            ("/no/such/route", None),
+        ];
+        for (path, authorization) in refused {
+            let (status, challenge, body) = get(path, authorization.clone()).await;
+            assert_eq!(
+                (status, challenge.as_deref()),
+                (401, Some("Bearer")),
+                "{path} {authorization:?}"
+            );
+            assert!(body.contains("Authorization: Bearer"), "{body}");
+            assert!(!body.contains("wrong") && !body.contains(TOKEN), "{body}");
+        }
+        let bearer = Some(format!("Bearer {TOKEN}"));
+        let (status, _, body) = get("/api/v1/sites", bearer.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let (status, _, metrics) = get("/metrics", bearer).await;
+        assert_eq!(status, 200);
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == "facwatch_ingest_http_unauthorized_total 6"),
+            "{metrics}"
+        );
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    })
+    .await
+    .expect("test finished in time");
+}
