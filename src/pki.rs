@@ -1,5 +1,6 @@
-//! A throwaway certificate authority for the demo and the tests: a CA, and
-//! a broker certificate it signed for `localhost` and 127.0.0.1, written as
+//! A throwaway certificate authority for the demo and the tests: a CA, a
+//! broker certificate it signed for `localhost` and 127.0.0.1, and a client
+//! certificate for a gateway (for brokers that ask for one), written as
 //! PEM files the way an installer would lay them out (the private keys
 //! private to their owner).
 //!
@@ -21,9 +22,13 @@ pub struct Pki {
     /// the CA, and its private key.
     pub broker_cert_file: PathBuf,
     pub broker_key_file: PathBuf,
+    /// A client certificate (common name `{name} gateway`), signed by the
+    /// CA, and its private key.
+    pub client_cert_file: PathBuf,
+    pub client_key_file: PathBuf,
 }
 
-/// Makes a CA named `name` and a broker certificate in `dir`.
+/// Makes a CA named `name`, a broker and a client certificate in `dir`.
 pub fn create(dir: &Path, name: &str) -> anyhow::Result<Pki> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let ca_key = KeyPair::generate()?;
@@ -42,13 +47,24 @@ pub fn create(dir: &Path, name: &str) -> anyhow::Result<Pki> {
         .push(DnType::CommonName, format!("{name} broker"));
     let broker = broker_params.signed_by(&broker_key, &ca, &ca_key)?;
 
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} gateway"));
+    let client = client_params.signed_by(&client_key, &ca, &ca_key)?;
+
     let pki = Pki {
         ca_file: dir.join("ca.pem"),
         broker_cert_file: dir.join("broker.pem"),
         broker_key_file: dir.join("broker.key"),
+        client_cert_file: dir.join("client.pem"),
+        client_key_file: dir.join("client.key"),
     };
     std::fs::write(&pki.ca_file, ca.pem())?;
     std::fs::write(&pki.broker_cert_file, broker.pem())?;
     secret::create_private(&pki.broker_key_file, broker_key.serialize_pem().as_bytes())?;
+    std::fs::write(&pki.client_cert_file, client.pem())?;
+    secret::create_private(&pki.client_key_file, client_key.serialize_pem().as_bytes())?;
     Ok(pki)
 }
