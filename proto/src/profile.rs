@@ -16,7 +16,9 @@
 //!   registers between fields), because serial buses are slow.
 //! - [`Profile::decode`] returns primary-side engineering units (kW, kWh, V,
 //!   A) and rejects NaN or infinite values as [`ProfileError::NotFinite`]
-//!   instead of passing them on.
+//!   instead of passing them on, including values that are finite as `f64`
+//!   but beyond the range of the `f32` that [`Values`] keeps them in (a
+//!   large float register times a transformer ratio).
 //! - [`Profile::encode`] is the inverse of `decode` (up to the type's
 //!   resolution), for simulators.
 
@@ -314,7 +316,7 @@ pub enum ProfileError {
         got: usize,
         expected: u16,
     },
-    #[error("register {address:#06x} holds a non-finite value")]
+    #[error("register {address:#06x} decodes to NaN, infinity or a value too large to send")]
     NotFinite { address: u16 },
 }
 
@@ -481,7 +483,13 @@ impl Profile {
             let value = raw_value(field.value_type, field.word_order, &words[..n])
                 * field.multiplier(ratios)
                 + field.offset;
-            if !value.is_finite() {
+            // Everything but energy travels as f32, where a finite f64 above
+            // f32::MAX would arrive as infinity.
+            let finite = match field.quantity {
+                Quantity::Energy => value.is_finite(),
+                _ => (value as f32).is_finite(),
+            };
+            if !finite {
                 return Err(ProfileError::NotFinite {
                     address: field.address,
                 });

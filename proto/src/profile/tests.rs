@@ -466,6 +466,38 @@ fn nan_register_is_a_decode_error() {
     );
 }
 
+/// Regression, found by `fuzz/run modbus_response`: a float register times
+/// a transformer ratio can be finite as f64 yet beyond f32::MAX, and
+/// `decode` passed it on as an infinite voltage (`Values` keeps all but
+/// energy as f32), breaking its "never infinite" invariant.
+#[test]
+fn value_beyond_f32_range_after_ratios_is_a_decode_error() {
+    let profile = Profile::builtin(ProfileName::Dtsu666);
+    let fc3 = FunctionCode::ReadHoldingRegisters;
+    // The minimised fuzzer input: voltage 0x4539_0039 (2963.5 V secondary,
+    // 296.35 after the 0.1 scale) with a PT ratio of -4.25e71.
+    let ratios = Ratios {
+        ct: 3.054898877903702e25,
+        pt: -4.2525571461782306e71,
+    };
+    let words = [(fc3, 0x2006, 0x4539), (fc3, 0x2007, 0x0039)];
+    assert_eq!(
+        profile.decode(&image(&profile, &words), ratios),
+        Err(ProfileError::NotFinite { address: 0x2006 })
+    );
+    // The same with a plausible ratio: f32::MAX in the register, PT 100.
+    let ratios = Ratios { ct: 1.0, pt: 100.0 };
+    let words = [(fc3, 0x2006, 0x7F7F), (fc3, 0x2007, 0xFFFF)];
+    assert_eq!(
+        profile.decode(&image(&profile, &words), ratios),
+        Err(ProfileError::NotFinite { address: 0x2006 })
+    );
+    // Energy is kept as f64: the same magnitude there is a value.
+    let words = [(fc3, 0x401E, 0x7F7F), (fc3, 0x401F, 0xFFFF)];
+    let values = profile.decode(&image(&profile, &words), ratios).unwrap();
+    assert_eq!(values.energy_kwh, Some(f64::from(f32::MAX)));
+}
+
 #[test]
 fn missing_block_is_a_decode_error() {
     let profile = Profile::builtin(ProfileName::Sdm630);
