@@ -37,6 +37,10 @@
 //!   `max_lines_per_write` is 1..=100000, `max_outbox_bytes` at least
 //!   1 MiB, and the backoff is ordered as for webhooks.
 //!
+//! - each secret of the file (`mqtt.password`, `influxdb.token`, a
+//!   webhook's `header_value`) is given inline or as `<key>_file`, never
+//!   both; such a file, like every key file, is private to its owner.
+//!
 //! Every error is a [`ConfigError`] naming the file, the key and the problem;
 //! paths in the file are relative to the file.
 
@@ -467,9 +471,9 @@ impl Settings {
 
         let (broker, host, port) = broker_of(&raw.broker, file)?;
         let broker_security = broker_security_of(&raw.broker, broker, base, file)?;
-        let mqtt_credentials = credentials_of(&raw.mqtt, broker, file)?;
+        let mqtt_credentials = credentials_of(&raw.mqtt, broker, base, file)?;
         let notices = notices_of(&raw.notices, file)?;
-        let webhooks = webhooks_of(&raw.webhooks, file)?;
+        let webhooks = webhooks_of(&raw.webhooks, base, file)?;
         let http = raw
             .http
             .as_ref()
@@ -478,7 +482,7 @@ impl Settings {
         let influxdb = raw
             .influxdb
             .as_ref()
-            .map(|i| influx_of(i, file))
+            .map(|i| influx_of(i, base, file))
             .transpose()?;
         Ok(Settings {
             sites: sites.into_iter().map(|(_, site)| site).collect(),
@@ -608,7 +612,7 @@ fn broker_security_of(
     Ok(BrokerSecurity { tls, logins })
 }
 
-fn influx_of(raw: &raw::Influx, file: &str) -> Result<InfluxSettings, ConfigError> {
+fn influx_of(raw: &raw::Influx, base: &Path, file: &str) -> Result<InfluxSettings, ConfigError> {
     let key = |name: &str| format!("influxdb.{name}");
     let url = reqwest::Url::parse(&raw.url)
         .map_err(|e| ConfigError::new(file, key("url"), format!("is not a URL: {e}")))?;
@@ -632,8 +636,15 @@ fn influx_of(raw: &raw::Influx, file: &str) -> Result<InfluxSettings, ConfigErro
             return Err(ConfigError::new(file, key(name), "must not be empty"));
         }
     }
-    if let Some(token) = &raw.token {
-        if token.is_empty() || reqwest::header::HeaderValue::from_str(token).is_err() {
+    let token = inline_or_file(
+        raw.token.as_ref(),
+        raw.token_file.as_ref(),
+        base,
+        file,
+        "influxdb.token",
+    )?;
+    if let Some(token) = token {
+        if token.is_empty() || reqwest::header::HeaderValue::from_str(&token).is_err() {
             // The token is a secret: do not echo it.
             return Err(ConfigError::new(
                 file,
@@ -641,7 +652,7 @@ fn influx_of(raw: &raw::Influx, file: &str) -> Result<InfluxSettings, ConfigErro
                 "must be non-empty visible ASCII",
             ));
         }
-        settings.token = Some(token.clone());
+        settings.token = Some(token);
     }
     if let Some(text) = &raw.precision {
         settings.precision = Precision::parse(text).ok_or_else(|| {
@@ -752,9 +763,17 @@ fn broker_of(raw: &raw::Broker, file: &str) -> Result<(BrokerMode, String, u16),
 fn credentials_of(
     raw: &raw::Mqtt,
     broker: BrokerMode,
+    base: &Path,
     file: &str,
 ) -> Result<Option<Credentials>, ConfigError> {
-    let (username, password) = match (&raw.username, &raw.password) {
+    let password = inline_or_file(
+        raw.password.as_ref(),
+        raw.password_file.as_ref(),
+        base,
+        file,
+        "mqtt.password",
+    )?;
+    let (username, password) = match (&raw.username, &password) {
         (None, None) => return Ok(None),
         (Some(_), None) => {
             return Err(ConfigError::new(
@@ -786,6 +805,30 @@ fn credentials_of(
         username: username.clone(),
         password: password.clone(),
     }))
+}
+
+/// A secret given inline as `key` or in a file as `key_file` (relative to
+/// the config file, private to its owner, one line), not both.
+fn inline_or_file(
+    inline: Option<&String>,
+    path: Option<&PathBuf>,
+    base: &Path,
+    file: &str,
+    key: &str,
+) -> Result<Option<String>, ConfigError> {
+    let key_file = format!("{key}_file");
+    match (inline, path) {
+        (None, None) => Ok(None),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, Some(path)) => secret::read_private_text(&base.join(path))
+            .map(Some)
+            .map_err(|e| ConfigError::new(file, &key_file, e.to_string())),
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            file,
+            &key_file,
+            format!("give {key} or {key_file}, not both"),
+        )),
+    }
 }
 
 fn positive_secs(
@@ -823,7 +866,11 @@ fn notices_of(raw: &raw::Notices, file: &str) -> Result<NoticeSettings, ConfigEr
     })
 }
 
-fn webhooks_of(raw: &[raw::Webhook], file: &str) -> Result<Vec<WebhookSettings>, ConfigError> {
+fn webhooks_of(
+    raw: &[raw::Webhook],
+    base: &Path,
+    file: &str,
+) -> Result<Vec<WebhookSettings>, ConfigError> {
     let mut webhooks: Vec<WebhookSettings> = Vec::new();
     for (i, hook) in raw.iter().enumerate() {
         let key = |name: &str| format!("webhooks[{i}].{name}");
@@ -844,7 +891,14 @@ fn webhooks_of(raw: &[raw::Webhook], file: &str) -> Result<Vec<WebhookSettings>,
                 "must be an http:// or https:// URL with a host",
             ));
         }
-        let header = match (&hook.header_name, &hook.header_value) {
+        let header_value = inline_or_file(
+            hook.header_value.as_ref(),
+            hook.header_value_file.as_ref(),
+            base,
+            file,
+            &key("header_value"),
+        )?;
+        let header = match (&hook.header_name, header_value) {
             (None, None) => None,
             (Some(_), None) => {
                 return Err(ConfigError::new(
@@ -868,7 +922,7 @@ fn webhooks_of(raw: &[raw::Webhook], file: &str) -> Result<Vec<WebhookSettings>,
                         format!("`{name}` is not a valid HTTP header name"),
                     ));
                 }
-                if reqwest::header::HeaderValue::from_str(value).is_err() {
+                if reqwest::header::HeaderValue::from_str(&value).is_err() {
                     // The value is a secret: do not echo it.
                     return Err(ConfigError::new(
                         file,
@@ -876,7 +930,7 @@ fn webhooks_of(raw: &[raw::Webhook], file: &str) -> Result<Vec<WebhookSettings>,
                         "is not a valid HTTP header value (visible ASCII only)",
                     ));
                 }
-                Some((name.clone(), value.clone()))
+                Some((name.clone(), value))
             }
         };
         let millis = |value: Option<u64>, default: u64, name: &str| match value.unwrap_or(default) {
@@ -1038,6 +1092,7 @@ mod raw {
         pub(super) org: String,
         pub(super) bucket: String,
         pub(super) token: Option<String>,
+        pub(super) token_file: Option<PathBuf>,
         pub(super) precision: Option<String>,
         pub(super) gzip: Option<bool>,
         pub(super) readings: Option<bool>,
@@ -1076,6 +1131,7 @@ mod raw {
         pub(super) timeout_ms: Option<u64>,
         pub(super) header_name: Option<String>,
         pub(super) header_value: Option<String>,
+        pub(super) header_value_file: Option<PathBuf>,
         pub(super) max_queue: Option<u64>,
         pub(super) backoff_initial_ms: Option<u64>,
         pub(super) backoff_max_ms: Option<u64>,
@@ -1110,6 +1166,7 @@ mod raw {
         pub(super) client_id: Option<String>,
         pub(super) username: Option<String>,
         pub(super) password: Option<String>,
+        pub(super) password_file: Option<PathBuf>,
     }
 }
 
@@ -1645,6 +1702,72 @@ host = "127.0.0.1"
         }
         let err = with(&format!("{minimal}colour = \"red\"\n")).unwrap_err();
         assert!(err.to_string().contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn secrets_can_come_from_private_files_but_not_from_both_places_or_readable_files() {
+        // One config per secret kind, each given as a file next to ingest.toml.
+        let cases = [
+            (
+                format!("{EXTERNAL}username = \"ingest\"\npassword_file = \"secret\"\n"),
+                "mqtt.password",
+            ),
+            (
+                format!("{DEFAULT_CONFIG}\n[influxdb]\nurl = \"http://127.0.0.1:8086\"\norg = \"o\"\nbucket = \"b\"\ntoken_file = \"secret\"\n"),
+                "influxdb.token",
+            ),
+            (
+                format!("{DEFAULT_CONFIG}\n[[webhooks]]\nname = \"ops\"\nurl = \"https://alerts.example/hook\"\nheader_name = \"Authorization\"\nheader_value_file = \"secret\"\n"),
+                "webhooks[0].header_value",
+            ),
+        ];
+        for (config, key) in &cases {
+            let dir = config_dir(config, &[("plant.site.toml", SITE)]);
+            let secret_path = dir.path().join("secret");
+            secret::create_private(&secret_path, b"Bearer s3cret-from-file\n").unwrap();
+            let settings = load(&dir).unwrap();
+            let read = match *key {
+                "mqtt.password" => settings.mqtt_credentials.clone().unwrap().password,
+                "influxdb.token" => settings.influxdb.clone().unwrap().token.unwrap(),
+                _ => settings.webhooks[0].header.clone().unwrap().1,
+            };
+            assert_eq!(read, "Bearer s3cret-from-file", "{key}");
+            assert!(!format!("{settings:?}").contains("s3cret"), "{key}");
+
+            // Inline and from a file at once: which one would win is not
+            // for the reader to guess.
+            let last = key.rsplit('.').next().unwrap();
+            let both = config.replace(
+                &format!("{last}_file = \"secret\""),
+                &format!("{last}_file = \"secret\"\n{last} = \"Bearer inline\""),
+            );
+            std::fs::write(dir.path().join("ingest.toml"), &both).unwrap();
+            let err = load(&dir).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(format!("{key}_file").as_str()));
+            assert!(
+                err.problem
+                    .contains(&format!("give {key} or {key}_file, not both")),
+                "{err}"
+            );
+
+            // A file others can read is refused by name, secret unshown.
+            std::fs::write(dir.path().join("ingest.toml"), config).unwrap();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o644))
+                    .unwrap();
+                let err = load(&dir).unwrap_err().to_string();
+                assert!(
+                    err.contains(&format!("{key}_file"))
+                        && err.contains("secret")
+                        && err.contains("0644")
+                        && err.contains("chmod 600"),
+                    "{err}"
+                );
+                assert!(!err.contains("s3cret"), "{err}");
+            }
+        }
     }
 
     #[test]

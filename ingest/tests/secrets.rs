@@ -1,7 +1,7 @@
 //! No secret in any log line: the built `facwatch-ingest`, configured with
 //! every secret it knows (a gateway key made by `gateway-key`, a broker
 //! login hashed by `hash-password`, a TLS private key, an HTTP bearer token,
-//! a webhook header and a secret in the webhook's URL, an InfluxDB token),
+//! a webhook header and a secret in the webhook's URL, an InfluxDB token read from a file),
 //! logging at debug level as JSON, from start to a SIGTERM stop. On the way
 //! it is given what makes software print secrets: a wrong password, a batch
 //! sealed with a forged key, a wrong bearer token, and webhook and InfluxDB
@@ -9,7 +9,7 @@
 //! of these leaves the line it should (named by its message), and no line
 //! holds a secret, nor any run of 64 hex digits (the shape of a key).
 //!
-//! Also: a private file that others can read (key, TLS key, token) stops
+//! Also: a private file that others can read (key, TLS key, tokens) stops
 //! `check-config` with exit code 2 and an error naming the file and the fix.
 
 mod api;
@@ -181,6 +181,8 @@ fn configure(dir: &Path) -> (Secrets, rustls::pki_types::CertificateDer<'static>
 
     let (ca, tls_key_pem) = make_tls(dir);
     write_private(&dir.join("http-token"), &format!("{HTTP_TOKEN}\n"));
+    // The InfluxDB token from a file, the webhook header inline: both ways.
+    write_private(&dir.join("influx-token"), &format!("{INFLUX_TOKEN}\n"));
     let config = format!(
         r#"
 sites_dir = "sites"
@@ -214,7 +216,7 @@ backoff_initial_ms = 200
 url = "http://127.0.0.1:{influx_port}"
 org = "facwatch"
 bucket = "facwatch"
-token = "{INFLUX_TOKEN}"
+token_file = "influx-token"
 backoff_initial_ms = 200
 "#,
         webhook_port = closed_port(),
@@ -515,6 +517,7 @@ fn a_private_file_others_can_read_is_refused_by_name_with_the_fix() {
         format!("keys/{GATEWAY}.key"),
         "broker.key".to_string(),
         "http-token".to_string(),
+        "influx-token".to_string(),
     ] {
         let path = dir.path().join(&file);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
