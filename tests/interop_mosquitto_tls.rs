@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use facwatch::pki::{self, Pki};
 use facwatch_gateway::{TlsFiles, TlsSettings};
-use interop::{free_port, Process, READY_TIMEOUT};
+use interop::{free_port, is_root, Process, READY_TIMEOUT};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
     TlsConfiguration, Transport,
@@ -58,14 +58,6 @@ fn start_mosquitto(dir: &Path, pki: &Pki) -> Broker {
         port,
         _process: process,
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 /// The MQTT options the gateway would use for `[mqtt.tls]` with `ca` and

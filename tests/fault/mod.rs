@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::interop::{free_port, workspace_binary, Pipe, Process, READY_TIMEOUT};
+use crate::interop::{free_port, is_root, workspace_binary, Pipe, Process, READY_TIMEOUT};
 
 /// The gateway of the demo plant.
 pub(crate) const GATEWAY: &str = "gw-01";
@@ -387,12 +387,4 @@ impl Mosquitto {
         let status = process.terminate(READY_TIMEOUT);
         assert!(status.success(), "mosquitto exited with {status}");
     }
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }

@@ -50,6 +50,16 @@ pub(crate) fn workspace_binary(name: &str) -> PathBuf {
     path
 }
 
+/// Whether the tests run as root (CI's containers do): Mosquitto then
+/// refuses to start unless its config says `user root`.
+pub(crate) fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound to port 0 and
 /// released), for servers that take a port number rather than a socket.
 pub(crate) fn free_port() -> u16 {
