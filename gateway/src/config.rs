@@ -245,20 +245,13 @@ impl Settings {
             None => default_client_id(&gateway.id),
         };
 
-        let password = match (&mqtt.password, &mqtt.password_file) {
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "mqtt.password_file",
-                    "give mqtt.password or mqtt.password_file, not both".into(),
-                ))
-            }
-            (Some(password), None) => Some(password.clone()),
-            (None, Some(path)) => Some(
-                secret::read_private_text(&base.join(path))
-                    .map_err(|e| err("mqtt.password_file", e.to_string()))?,
-            ),
-            (None, None) => None,
-        };
+        let password = secret::inline_or_file(
+            mqtt.password.as_ref(),
+            mqtt.password_file.as_ref(),
+            base,
+            file,
+            "mqtt.password",
+        )?;
         let credentials = match (&mqtt.username, password) {
             (None, None) => None,
             (Some(username), Some(password)) => {

@@ -636,7 +636,7 @@ fn influx_of(raw: &raw::Influx, base: &Path, file: &str) -> Result<InfluxSetting
             return Err(ConfigError::new(file, key(name), "must not be empty"));
         }
     }
-    let token = inline_or_file(
+    let token = secret::inline_or_file(
         raw.token.as_ref(),
         raw.token_file.as_ref(),
         base,
@@ -766,7 +766,7 @@ fn credentials_of(
     base: &Path,
     file: &str,
 ) -> Result<Option<Credentials>, ConfigError> {
-    let password = inline_or_file(
+    let password = secret::inline_or_file(
         raw.password.as_ref(),
         raw.password_file.as_ref(),
         base,
@@ -805,30 +805,6 @@ fn credentials_of(
         username: username.clone(),
         password: password.clone(),
     }))
-}
-
-/// A secret given inline as `key` or in a file as `key_file` (relative to
-/// the config file, private to its owner, one line), not both.
-fn inline_or_file(
-    inline: Option<&String>,
-    path: Option<&PathBuf>,
-    base: &Path,
-    file: &str,
-    key: &str,
-) -> Result<Option<String>, ConfigError> {
-    let key_file = format!("{key}_file");
-    match (inline, path) {
-        (None, None) => Ok(None),
-        (Some(value), None) => Ok(Some(value.clone())),
-        (None, Some(path)) => secret::read_private_text(&base.join(path))
-            .map(Some)
-            .map_err(|e| ConfigError::new(file, &key_file, e.to_string())),
-        (Some(_), Some(_)) => Err(ConfigError::new(
-            file,
-            &key_file,
-            format!("give {key} or {key_file}, not both"),
-        )),
-    }
 }
 
 fn positive_secs(
@@ -891,7 +867,7 @@ fn webhooks_of(
                 "must be an http:// or https:// URL with a host",
             ));
         }
-        let header_value = inline_or_file(
+        let header_value = secret::inline_or_file(
             hook.header_value.as_ref(),
             hook.header_value_file.as_ref(),
             base,

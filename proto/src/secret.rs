@@ -11,9 +11,10 @@
 //!   existing file.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::seal::{GatewayKey, KeyFormatError};
+use crate::site::ConfigError;
 
 /// Why a secret file was not used.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,31 @@ pub fn read_private_text(path: &Path) -> Result<String, SecretFileError> {
         problem: "is not UTF-8 text".into(),
     })?;
     Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+/// A secret of a config file given inline as `key` or in a file as
+/// `<key>_file` (relative to `base`, the config file's folder; private to
+/// its owner; one line), not both. Errors name `file` and `<key>_file`.
+pub fn inline_or_file(
+    inline: Option<&String>,
+    path: Option<&PathBuf>,
+    base: &Path,
+    file: &str,
+    key: &str,
+) -> Result<Option<String>, ConfigError> {
+    let key_file = format!("{key}_file");
+    match (inline, path) {
+        (None, None) => Ok(None),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, Some(path)) => read_private_text(&base.join(path))
+            .map(Some)
+            .map_err(|e| ConfigError::new(file, &key_file, e.to_string())),
+        (Some(_), Some(_)) => Err(ConfigError::new(
+            file,
+            &key_file,
+            format!("give {key} or {key_file}, not both"),
+        )),
+    }
 }
 
 /// A gateway key file: 64 hex digits, private to its owner.
